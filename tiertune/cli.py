@@ -1,0 +1,63 @@
+"""`tiertune <verb>`: the command line. Each verb lives in tiertune/commands/<module>.py, which
+registers its parser; heavy imports (torch, ortools) happen inside the handlers so `--help`
+and `presets` stay fast.
+
+Bad input (`InputError`, unreadable/unwritable files) ends with one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tiertune.errors import InputError
+
+VERB_MODULES = (
+    "tiertune.commands.presets",
+    "tiertune.commands.simulate",
+    "tiertune.commands.plan",
+    "tiertune.commands.execute",
+    "tiertune.commands.traces",
+    "tiertune.commands.report",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:          # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tiertune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue                                 # a verb not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"tiertune: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:                           # full disk, unwritable directory, missing file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"tiertune: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tiertune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The cost model: how long each kind of task takes on a given machine, from bytes and FLOPs.
+
+Used by the task-graph builder and by the planner (CP-SAT sizes, lower bounds), so both judge a
+schedule with the same numbers. Efficiency tables come from the HardwareProfile (Calculon-style
+size-dependent efficiencies; a calibrated profile carries measured ones).
+"""
+
+from __future__ import annotations
+
+from tiertune.hardware import HardwareProfile
+from tiertune.workload import LayerCost, ModelSpec, TrainSpec, layer_costs
+
+COPY_LATENCY_S = 10e-6        # per-copy launch + sync overhead (cudaMemcpyAsync class)
+SSD_LATENCY_S = 100e-6        # per-request-stream NVMe latency
+KERNEL_LATENCY_S = 20e-6      # per-layer launch overhead of a few dozen kernels
+
+
+class CostModel:
+    """Task durations in seconds for one (model, train, hardware)."""
+
+    def __init__(self, model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> None:
+        self.model, self.train, self.hw = model, train, hw
+        self.layers: list[LayerCost] = layer_costs(model, train)
+        self._peak = hw.peak_flops(train.dtype)
+        tokens = train.batch * train.seq_len
+        self._tokens = tokens
+        # Per-layer forward time: each matmul at its own size-dependent efficiency, plus the
+        # memory-bound rest (norms, activations, attention softmax) at device bandwidth.
+        self._fwd_s = [self._forward_s(lc) for lc in self.layers]
+
+    # --- GPU compute ---------------------------------------------------------------------------
+    def _matmul_s(self, flops: float) -> float:
+        return flops / (self._peak * self.hw.matmul_efficiency.at(flops)) if flops > 0 else 0.0
+
+    def _forward_s(self, lc: LayerCost) -> float:
+        if lc.kind == "embed":
+            return KERNEL_LATENCY_S + lc.act_bytes / self.hw.gpu_mem_bw_bps + \
+                self._tokens * self.model.hidden * self.train.elem_bytes / self.hw.gpu_mem_bw_bps
+        mats = sum(self._matmul_s(2.0 * self._tokens * o * i) for o, i in lc.matrices)
+        other_flops = lc.fwd_flops - sum(2.0 * self._tokens * o * i for o, i in lc.matrices)
+        attention = self._matmul_s(other_flops)
+        elementwise = lc.act_bytes / self.hw.gpu_mem_bw_bps
+        return KERNEL_LATENCY_S + mats + attention + elementwise
+
+    def forward_s(self, layer: int) -> float:
+        return self._fwd_s[layer]
+
+    def backward_s(self, layer: int) -> float:
+        """Backward = 2x forward FLOPs (input and weight gradients); embedding backward is a scatter-add."""
+        lc = self.layers[layer]
+        if lc.kind == "embed":
+            return self._fwd_s[layer]
+        return 2.0 * (self._fwd_s[layer] - KERNEL_LATENCY_S) + KERNEL_LATENCY_S
+
+    def recompute_s(self, layer: int) -> float:
+        return self._fwd_s[layer]
+
+    def gpu_update_s(self, layer: int) -> float:
+        """Optimizer step on the GPU: memory-bound streaming of weights, grads, master and moments."""
+        lc = self.layers[layer]
+        touched = 2 * lc.weight_bytes + lc.grad_bytes + 2 * lc.optim_bytes
+        return KERNEL_LATENCY_S + touched / self.hw.gpu_mem_bw_bps
+
+    # --- copies ------------------------------------------------------------------------------
+    def h2d_s(self, nbytes: float, pinned: bool = True) -> float:
+        if nbytes <= 0:
+            return 0.0
+        bw = self.hw.h2d_bps * self.hw.pcie_efficiency.at(nbytes) * (1.0 if pinned else self.hw.pageable_factor)
+        return COPY_LATENCY_S + nbytes / bw
+
+    def d2h_s(self, nbytes: float, pinned: bool = True) -> float:
+        if nbytes <= 0:
+            return 0.0
+        bw = self.hw.d2h_bps * self.hw.pcie_efficiency.at(nbytes) * (1.0 if pinned else self.hw.pageable_factor)
+        return COPY_LATENCY_S + nbytes / bw
+
+    def ssd_read_s(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        per_dev = nbytes / self.hw.ssd_count
+        return SSD_LATENCY_S + nbytes / (self.hw.ssd_read_total_bps * self.hw.ssd_efficiency.at(per_dev))
+
+    def ssd_write_s(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        per_dev = nbytes / self.hw.ssd_count
+        return SSD_LATENCY_S + nbytes / (self.hw.ssd_write_total_bps * self.hw.ssd_efficiency.at(per_dev))
+
+    # --- CPU optimizer ---------------------------------------------------------------------------
+    def cpu_update_s(self, params: float) -> float:
+        """CPU optimizer over `params` parameters (DeepSpeed CPUAdam class throughput)."""
+        if params <= 0:
+            return 0.0
+        rate = self.hw.cpu_sgd_params_per_s if self.train.optimizer == "sgd" else self.hw.cpu_adam_params_per_s
+        return params / rate
+
+    # --- LSP compression ----------------------------------------------------------------------------
+    def compressed_params(self, layer: int, rank: int) -> int:
+        """Elements that cross PCIe (and that CPU Adam updates) per matrix at rank d: d x d, never more than m x n."""
+        lc = self.layers[layer]
+        mats = sum(min(rank * rank, o * i) for o, i in lc.matrices)
+        return mats + (lc.params - sum(o * i for o, i in lc.matrices))    # vectors (norms, biases) go uncompressed
+
+    def compress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:
+        """GPU time to form P^T G Q with (d, r)-sparse P, Q: reads G once, 2*m*n*r + 2*m*d*r FLOPs."""
+        lc = self.layers[layer]
+        flops = sum(2.0 * o * i * nnz_per_row + 2.0 * o * rank * nnz_per_row for o, i in lc.matrices)
+        read = sum(o * i for o, i in lc.matrices) * self.train.elem_bytes
+        return KERNEL_LATENCY_S + max(flops / (self._peak * 0.3), read / self.hw.gpu_mem_bw_bps)
+
+    def decompress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:
+        """GPU time to apply P U Q^T to the weights: the same work as compressing."""
+        return self.compress_s(layer, rank, nnz_per_row)

@@ -1,0 +1,192 @@
+"""The `Trace` (format `tiertune.trace/1`): a tidy table of events, one row each, plus memory
+samples per tier. The simulator and the executor both write it; replay, validation and plots
+read it without caring which produced it.
+
+Files: Chrome trace JSON (opens in Perfetto: one track per resource, memory as counters;
+exact seconds kept in args so a round trip is lossless), or parquet / csv (events file plus a
+`.memory` sibling, metadata as JSON in the events file's schema or a `.meta.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tiertune.errors import InputError
+from tiertune.fileio import atomic_write, atomic_write_text
+
+FORMAT = "tiertune.trace/1"
+RESOURCES = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
+TIERS = ("gpu", "cpu", "ssd")
+EVENT_COLUMNS = ["source", "iteration", "task", "kind", "layer", "resource", "start_s", "end_s", "bytes", "flops"]
+MEMORY_COLUMNS = ["time_s", "tier", "bytes"]
+_EVENT_DTYPES = {"source": "object", "iteration": "int64", "task": "object", "kind": "object", "layer": "int64",
+                 "resource": "object", "start_s": "float64", "end_s": "float64", "bytes": "int64", "flops": "float64"}
+_MEMORY_DTYPES = {"time_s": "float64", "tier": "object", "bytes": "int64"}
+
+
+def _typed(df: pd.DataFrame, dtypes: dict) -> pd.DataFrame:
+    df = df.reindex(columns=list(dtypes))
+    return df.astype(dtypes).reset_index(drop=True)
+
+
+@dataclass
+class Trace:
+    events: pd.DataFrame
+    memory: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MEMORY_COLUMNS))
+    meta: dict = field(default_factory=dict)   # source, model, hardware, plan, train, capacity {tier: bytes}
+
+    def __post_init__(self) -> None:
+        missing = set(EVENT_COLUMNS) - set(self.events.columns)
+        if missing:
+            raise InputError(f"trace events lack column(s) {sorted(missing)}")
+        missing = set(MEMORY_COLUMNS) - set(self.memory.columns)
+        if missing:
+            raise InputError(f"trace memory samples lack column(s) {sorted(missing)}")
+        self.events = _typed(self.events, _EVENT_DTYPES)
+        self.memory = _typed(self.memory, _MEMORY_DTYPES)
+
+    @classmethod
+    def from_records(cls, events: list[dict], memory: list[dict] | None = None, meta: dict | None = None) -> "Trace":
+        return cls(pd.DataFrame(events, columns=EVENT_COLUMNS), pd.DataFrame(memory or [], columns=MEMORY_COLUMNS),
+                   dict(meta or {}))
+
+    # --- analysis ------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return str(self.meta.get("source", self.events["source"].iloc[0] if len(self.events) else "unknown"))
+
+    def iteration_ends(self) -> pd.Series:
+        return self.events.groupby("iteration")["end_s"].max().sort_index()
+
+    def iteration_s(self) -> float:
+        """Steady-state iteration time: the mean gap between consecutive iteration ends after the
+        first (which pays the pipeline fill); the only iteration's length when there is one."""
+        ends = self.iteration_ends()
+        if len(ends) == 0:
+            return 0.0
+        if len(ends) == 1:
+            return float(ends.iloc[0] - self.events["start_s"].min())
+        return float((ends.iloc[-1] - ends.iloc[0]) / (len(ends) - 1))
+
+    def steady_events(self) -> pd.DataFrame:
+        iters = self.events["iteration"]
+        return self.events[iters > iters.min()] if iters.nunique() > 1 else self.events
+
+    def busy_s(self) -> dict[str, float]:
+        """Busy seconds per resource in one steady-state iteration."""
+        ev = self.steady_events()
+        n = max(ev["iteration"].nunique(), 1)
+        busy = (ev["end_s"] - ev["start_s"]).groupby(ev["resource"]).sum() / n
+        return {r: float(busy.get(r, 0.0)) for r in RESOURCES if r in busy.index or r in RESOURCES}
+
+    def bottleneck(self) -> str:
+        busy = self.busy_s()
+        return max(busy, key=busy.get) if busy else "gpu"
+
+    def peak_bytes(self) -> dict[str, int]:
+        peaks = self.memory.groupby("tier")["bytes"].max()
+        return {t: int(peaks.get(t, 0)) for t in TIERS}
+
+    def kind_durations(self) -> pd.DataFrame:
+        """Mean duration and bytes per (kind, resource) over steady-state iterations."""
+        ev = self.steady_events().assign(duration_s=lambda d: d["end_s"] - d["start_s"])
+        return ev.groupby(["kind", "resource"]).agg(count=("task", "size"), duration_s=("duration_s", "sum"),
+                                                    bytes=("bytes", "sum")).reset_index()
+
+    # --- equality (for round-trip tests) -------------------------------------------------------------
+    def equals(self, other: "Trace") -> bool:
+        return (self.events.equals(other.events) and self.memory.equals(other.memory)
+                and json.dumps(self.meta, sort_keys=True, default=str) == json.dumps(other.meta, sort_keys=True, default=str))
+
+    # --- Chrome / Perfetto JSON ---------------------------------------------------------------
+    def to_chrome_dict(self) -> dict:
+        tids = {r: i + 1 for i, r in enumerate(RESOURCES)}
+        for r in self.events["resource"].unique():
+            tids.setdefault(r, len(tids) + 1)
+        out = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": f"tiertune ({self.source})"}}]
+        out += [{"ph": "M", "pid": 1, "tid": t, "name": "thread_name", "args": {"name": r}} for r, t in tids.items()]
+        out += [{"ph": "M", "pid": 1, "tid": t, "name": "thread_sort_index", "args": {"sort_index": t}} for t in tids.values()]
+        for row in self.events.itertuples(index=False):
+            out.append({"ph": "X", "pid": 1, "tid": tids[row.resource], "name": row.task, "cat": row.kind,
+                        "ts": row.start_s * 1e6, "dur": (row.end_s - row.start_s) * 1e6,
+                        "args": {"source": row.source, "iteration": int(row.iteration), "layer": int(row.layer),
+                                 "resource": row.resource, "start_s": row.start_s, "end_s": row.end_s,
+                                 "bytes": int(row.bytes), "flops": float(row.flops)}})
+        for row in self.memory.itertuples(index=False):
+            out.append({"ph": "C", "pid": 1, "name": f"memory {row.tier}", "ts": row.time_s * 1e6,
+                        "args": {"bytes": int(row.bytes), "time_s": row.time_s, "tier": row.tier}})
+        return {"traceEvents": out, "displayTimeUnit": "ms", "tiertune": {"format": FORMAT, "meta": self.meta}}
+
+    @classmethod
+    def from_chrome_dict(cls, d: dict, where: str = "trace") -> "Trace":
+        if not isinstance(d, dict) or "traceEvents" not in d:
+            raise InputError(f"{where}: not a Chrome trace (no traceEvents)")
+        tt = d.get("tiertune")
+        if not isinstance(tt, dict):
+            raise InputError(f"{where}: not a tiertune trace (no 'tiertune' header)")
+        if tt.get("format") != FORMAT:
+            raise InputError(f"{where}: trace format {tt.get('format')!r}, this tiertune reads {FORMAT!r}")
+        events, memory = [], []
+        try:
+            for e in d["traceEvents"]:
+                if e.get("ph") == "X":
+                    a = e["args"]
+                    events.append({"source": a["source"], "iteration": a["iteration"], "task": e["name"],
+                                   "kind": e["cat"], "layer": a["layer"], "resource": a["resource"],
+                                   "start_s": a["start_s"], "end_s": a["end_s"], "bytes": a["bytes"],
+                                   "flops": a["flops"]})
+                elif e.get("ph") == "C" and "tier" in e.get("args", {}):
+                    a = e["args"]
+                    memory.append({"time_s": a["time_s"], "tier": a["tier"], "bytes": a["bytes"]})
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{where}: malformed trace event (missing {exc})") from None
+        return cls.from_records(events, memory, tt.get("meta", {}))
+
+    # --- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> list[Path]:
+        """By suffix: .json (Chrome/Perfetto), .parquet or .csv (plus a .memory sibling). Returns files written."""
+        path = Path(path)
+        if path.suffix == ".json":
+            atomic_write_text(path, json.dumps(self.to_chrome_dict()))
+            return [path]
+        if path.suffix not in (".parquet", ".csv"):
+            raise InputError(f"trace file must end in .json, .parquet or .csv: {path}")
+        mem_path = path.with_suffix(".memory" + path.suffix)
+        meta_path = path.with_suffix(".meta.json")
+        for df, p in ((self.events, path), (self.memory, mem_path)):
+            with atomic_write(p, "wb") as f:
+                df.to_parquet(f, index=False) if path.suffix == ".parquet" else df.to_csv(f, index=False)
+        atomic_write_text(meta_path, json.dumps({"format": FORMAT, "meta": self.meta}))
+        return [path, mem_path, meta_path]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"trace file not found: {path}")
+        if path.suffix == ".json":
+            try:
+                d = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"malformed or truncated trace {path}: {exc}") from None
+            return cls.from_chrome_dict(d, where=str(path))
+        if path.suffix not in (".parquet", ".csv"):
+            raise InputError(f"trace file must end in .json, .parquet or .csv: {path}")
+        meta_path = path.with_suffix(".meta.json")
+        try:
+            header = json.loads(meta_path.read_text()) if meta_path.is_file() else {"format": FORMAT, "meta": {}}
+            if header.get("format") != FORMAT:
+                raise InputError(f"{meta_path}: trace format {header.get('format')!r}, this tiertune reads {FORMAT!r}")
+            mem_path = path.with_suffix(".memory" + path.suffix)
+            read = pd.read_parquet if path.suffix == ".parquet" else pd.read_csv
+            events = read(path)
+            memory = read(mem_path) if mem_path.is_file() else pd.DataFrame(columns=MEMORY_COLUMNS)
+        except InputError:
+            raise
+        except Exception as exc:   # pyarrow / csv parser errors have no common base
+            raise InputError(f"malformed trace {path}: {exc}") from None
+        return cls(events, memory, header.get("meta", {}))
