@@ -18,6 +18,7 @@ VERB_MODULES = (
     "tiertune.commands.simulate",
     "tiertune.commands.plan",
     "tiertune.commands.execute",
+    "tiertune.commands.calibrate",
     "tiertune.commands.traces",
     "tiertune.commands.report",
 )
