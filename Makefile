@@ -18,7 +18,7 @@ demo: venv
 	$(BIN)/tiertune demo
 
 test: venv
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) tiertune-demo

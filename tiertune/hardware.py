@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +129,10 @@ class HardwareProfile:
 
         flops = ", ".join(f"{k} = {v / 1e12:.6g}" for k, v in self.gpu_flops.items())
         lines = [
-            f"name = {self.name!r}".replace("'", '"'),
-            f"description = {self.description!r}".replace("'", '"'),
+            f"name = {json.dumps(self.name)}",
+            f"description = {json.dumps(self.description)}",
             "", "[gpu]",
-            f'name = "{self.gpu_name}"',
+            f"name = {json.dumps(self.gpu_name)}",
             f"memory_gib = {self.gpu_mem_bytes / GiB:.6g}",
             f"memory_bw_gbps = {self.gpu_mem_bw_bps / GB:.6g}",
             f"tflops = {{ {flops} }}",
@@ -143,7 +144,7 @@ class HardwareProfile:
             f"pageable_factor = {self.pageable_factor:.4g}",
             f"efficiency = {curve(self.pcie_efficiency)}",
             "", "[cpu]",
-            f'name = "{self.cpu_name}"',
+            f"name = {json.dumps(self.cpu_name)}",
             f"cores = {self.cpu_cores}",
             f"memory_gib = {self.cpu_mem_bytes / GiB:.6g}",
             f"adam_gparams_per_s = {self.cpu_adam_params_per_s / 1e9:.6g}",

@@ -182,9 +182,14 @@ class Trace:
             if header.get("format") != FORMAT:
                 raise InputError(f"{meta_path}: trace format {header.get('format')!r}, this tiertune reads {FORMAT!r}")
             mem_path = path.with_suffix(".memory" + path.suffix)
-            read = pd.read_parquet if path.suffix == ".parquet" else pd.read_csv
-            events = read(path)
-            memory = read(mem_path) if mem_path.is_file() else pd.DataFrame(columns=MEMORY_COLUMNS)
+            if path.suffix == ".parquet":
+                events = pd.read_parquet(path)
+                memory = pd.read_parquet(mem_path) if mem_path.is_file() else None
+            else:    # strings stay strings ("0" is a task name, not a number)
+                events = pd.read_csv(path, dtype=_EVENT_DTYPES, keep_default_na=False)
+                memory = pd.read_csv(mem_path, dtype=_MEMORY_DTYPES, keep_default_na=False) if mem_path.is_file() else None
+            if memory is None:
+                memory = pd.DataFrame(columns=MEMORY_COLUMNS)
         except InputError:
             raise
         except Exception as exc:   # pyarrow / csv parser errors have no common base
