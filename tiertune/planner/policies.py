@@ -1,6 +1,10 @@
 """Named baseline policies: (model, train, hardware) -> Plan, each following its paper or code.
 
-The planner must beat these; `tiertune compare` runs them all. Registry: `POLICIES`.
+The planner must beat these; `tiertune compare` runs them all. Registry: `POLICIES`; build one
+with `make_policy(name, model, train, hw)`. A policy always returns its plan, fitting or not (the
+engine says whether it fits); it raises `PolicyInfeasible` only when its own rules leave no tier
+that could hold the state (e.g. ZeRO-Infinity with neither host memory nor SSD space enough).
+Numbers quoted in docstrings come from /work/shared/ANCHORS.md.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from typing import Callable
 
 from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile
+from tiertune.planner.estimate import capacity, cost_model, footprint, overflow
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals, uniform_plan
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -16,6 +21,10 @@ UNLIMITED = 1 << 62
 
 PolicyFn = Callable[[ModelSpec, TrainSpec, HardwareProfile], Plan]
 POLICIES: dict[str, PolicyFn] = {}
+
+
+class PolicyInfeasible(InputError):
+    """A policy's rules leave no placement that fits: the message names the tier, needed vs available."""
 
 
 def policy(name: str):
@@ -31,6 +40,10 @@ def _uniform(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, layer: Lay
                         {"policy": name})
 
 
+def _fits(model: ModelSpec, plan: Plan, hw: HardwareProfile) -> bool:
+    return overflow(cost_model(model, plan.train, hw), plan) is None
+
+
 @policy("ideal")
 def ideal(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     """Unlimited GPU memory, everything resident, nothing moved: native speed, the reference."""
@@ -41,6 +54,137 @@ def ideal(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
 def gpu_only(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     """Plain PyTorch training on the real GPU: everything resident; does not fit when the model is big."""
     return _uniform(model, train, hw, LayerPlan(), "gpu-only")
+
+
+@policy("checkpoint")
+def checkpoint(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """Everything resident on the GPU with activation checkpointing (torch.utils.checkpoint per block):
+    only each layer's input is kept, the rest is recomputed in backward."""
+    return _uniform(model, train, hw, LayerPlan(activations="recompute"), "checkpoint")
+
+
+@policy("lomo")
+def lomo(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """LOMO (OpenLMLab/LOMO): weights on the GPU, the update fused into each parameter's backward hook
+    so at most one gradient is alive, activations recomputed (the paper trains with checkpointing).
+
+    Optimizer: LOMO is SGD without state; AdaLomo is its adaptive variant (factored second moment,
+    ANCHORS.md). A user who asked for AdamW gets AdaLomo, the closest to Adam that LOMO offers; we
+    record the substitution in provenance (`optimizer_from`) rather than silently training with SGD.
+    Fused updates cannot accumulate gradients, and clipping needs a second backward (LOMO#4, #34):
+    Plan validation and `Plan.needs_second_backward` handle both.
+    """
+    prov_from = None
+    if train.optimizer == "adamw":
+        prov_from, train = "adamw", train.replace(optimizer="adalomo")
+    plan = _uniform(model, train, hw, LayerPlan(update="fused", activations="recompute"), "lomo")
+    if prov_from:
+        plan = plan.replace(provenance={**plan.provenance, "optimizer_from": prov_from})
+    return plan
+
+
+def _keep_or_recompute(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, layer: LayerPlan, name: str,
+                       **globals_) -> Plan:
+    """DeepSpeed users switch on activation checkpointing when activations do not fit: so do we."""
+    plan = _uniform(model, train, hw, layer, name, **globals_)
+    if _fits(model, plan, hw):
+        return plan
+    return _uniform(model, train, hw, layer.replace(activations="recompute"), name, **globals_)
+
+
+@policy("zero-offload")
+def zero_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """DeepSpeed ZeRO-Offload: fp16 weights on the GPU, gradients and Adam states on the CPU, CPU Adam
+    after the whole backward, updated weights copied back (ANCHORS.md; no delayed update)."""
+    return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="after"),
+                              "zero-offload")
+
+
+@policy("zero-infinity")
+def zero_infinity(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """DeepSpeed ZeRO-Infinity (stage 3 + offload_param/offload_optimizer): weights and optimizer in host
+    memory, or on NVMe when host memory does not suffice (optimizer first, then weights, as users set
+    `offload_optimizer.device: nvme` before `offload_param.device: nvme`); one layer prefetched;
+    update after backward; activation checkpointing with `cpu_checkpointing` (we recompute; the small
+    layer-input checkpoint stays on the GPU in our vocabulary)."""
+    cm = cost_model(model, train, hw)
+    for params, optim in (("cpu", "cpu"), ("cpu", "ssd"), ("ssd", "ssd")):
+        plan = _uniform(model, train, hw, LayerPlan(params=params, optimizer=optim, update="after",
+                                                    activations="recompute"), "zero-infinity", prefetch_depth=1)
+        need = footprint(cm, plan)
+        if need["cpu"] <= hw.cpu_mem_bytes and need["ssd"] <= hw.ssd_capacity_total_bytes:
+            return plan
+    raise PolicyInfeasible(f"zero-infinity: host memory ({hw.cpu_mem_bytes / 2**30:.0f} GiB) plus SSD "
+                           f"({hw.ssd_capacity_total_bytes / 2**30:.0f} GiB) cannot hold the state "
+                           f"(needs {need['cpu'] / 2**30:.0f} GiB host, {need['ssd'] / 2**30:.0f} GiB SSD)")
+
+
+FUYOU_SWAP_RATIO = 1.0   # Fuyou's --swap_ratio: swap while swap time <= ratio x forward time
+
+
+@policy("fuyou")
+def fuyou(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """Fuyou (arXiv 2403.06504, Crispig/Ratel): weights, optimizer states on the SSD (offload_param and
+    offload_optimizer both `nvme`), CPU Adam run layer by layer during backward (update='overlap').
+
+    Activations: ranked by FLOPs per byte (recomputing those costs the most per byte saved), swapped in
+    that order while the estimated swap time stays under swap_ratio x forward time; swapped
+    activations fill host memory first and overflow to the SSD; the rest are recomputed.
+    """
+    cm = cost_model(model, train, hw)
+    base = LayerPlan(params="ssd", optimizer="ssd", update="overlap", activations="recompute")
+    n = model.n_layers + 2
+    plan = _uniform(model, train, hw, base, "fuyou")
+    fwd_total = sum(cm.forward_s(i) for i in range(n))
+    cpu_free = hw.cpu_mem_bytes - footprint(cm, plan)["cpu"]
+    order = sorted(range(n), key=lambda i: (-cm.layers[i].fwd_flops / max(cm.layers[i].act_bytes, 1), -i))
+    layers = [base] * n
+    swap_s = 0.0
+    for i in order:
+        lc = cm.layers[i]
+        t = cm.d2h_s(lc.act_bytes)
+        if lc.fwd_flops <= 0 or swap_s + t > FUYOU_SWAP_RATIO * fwd_total:
+            continue
+        swap_s += t
+        if lc.act_bytes <= cpu_free:
+            layers[i], cpu_free = base.replace(activations="cpu"), cpu_free - lc.act_bytes
+        else:
+            layers[i] = base.replace(activations="ssd")
+    plan = plan.with_layers(layers).replace(provenance={"policy": "fuyou", "swap_ratio": FUYOU_SWAP_RATIO})
+    need = footprint(cm, plan)
+    if need["ssd"] > hw.ssd_capacity_total_bytes:
+        raise PolicyInfeasible(f"fuyou: SSD needs {need['ssd'] / 2**30:.0f} GiB, has "
+                               f"{hw.ssd_capacity_total_bytes / 2**30:.0f} GiB")
+    return plan
+
+
+def lsp_rank(model: ModelSpec) -> tuple[int, int]:
+    """(d, r) as LSP-Offload sets them: 6.7B (hidden 4096) d=2048, r=8; 1.3B (hidden 2048) d=1280, r=4;
+    otherwise d about n/2 (the paper: hides communication), r=4 up to hidden 2048 and 8 above."""
+    known = {4096: (2048, 8), 2048: (1280, 4)}
+    if model.hidden in known:
+        return known[model.hidden]
+    return max(1, model.hidden // 2), (4 if model.hidden <= 2048 else 8)
+
+
+@policy("lsp-offload")
+def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """LSP-Offload (arXiv 2406.10181, gulang2019/LSP-Offload): ZeRO-Offload's placement (weights on GPU,
+    CPU Adam), but each gradient crosses PCIe as the d x d projection P^T G Q and the d x d delta comes
+    back; layer-wise schedule, deep layers update on the CPU while shallow ones are still in backward."""
+    d, r = lsp_rank(model)
+    return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="overlap",
+                                                          grad_rank=d),
+                              "lsp-offload", lsp_nnz_per_row=r)
+
+
+@policy("megatrain")
+def megatrain(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+    """MegaTrain (arXiv 2604.05091): host memory holds weights, gradients and Adam moments; every layer
+    is streamed through two GPU buffers (prefetch_depth 1 = double buffering), backward recomputes
+    block-locally, and CPU Adam consumes gradients as they stream back (update='overlap')."""
+    return _uniform(model, train, hw, LayerPlan(params="cpu", optimizer="cpu", update="overlap",
+                                                activations="recompute"), "megatrain", prefetch_depth=1)
 
 
 def make_policy(name: str, model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:

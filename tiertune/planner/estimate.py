@@ -1,0 +1,185 @@
+"""Analytic accounting of a Plan, for the planner's own use: per-resource busy time per iteration,
+a memory footprint per tier, and a quick iteration-time estimate.
+
+Policies use the footprint to pick tiers (ZeRO-Infinity: CPU or NVMe; Fuyou: CPU memory first),
+bounds.py sums the busy times, and the search scores candidates with `quick_iteration_s` where the
+engine (tiertune.simulator.simulate) would be too slow. Every duration comes from CostModel.
+These numbers only steer the search: a plan is judged by the engine alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tiertune.hardware import HardwareProfile
+from tiertune.schedule import LayerPlan, Plan
+from tiertune.simulator.costs import CostModel
+from tiertune.workload import ModelSpec, TrainSpec
+
+RESOURCES = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What one layer costs on each resource per iteration, and which phase it lands in."""
+
+    fwd: dict            # resource -> seconds during forward
+    bwd: dict            # resource -> seconds during backward (overlappable with backward compute)
+    post: dict           # resource -> seconds after backward (update='after')
+
+
+def _add(d: dict, key: str, v: float) -> None:
+    if v > 0:
+        d[key] = d.get(key, 0.0) + v
+
+
+def optimizer_params(cm: CostModel, i: int, lp: LayerPlan) -> int:
+    """Parameters the optimizer updates for layer i (d x d per matrix under LSP compression)."""
+    if lp.grad_rank is not None:
+        return cm.compressed_params(i, lp.grad_rank)
+    return cm.layers[i].params
+
+
+def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
+    lc = cm.layers[i]
+    return int(lc.optim_bytes * optimizer_params(cm, i, lp) / max(lc.params, 1))
+
+
+def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> LayerWork:
+    """Per-resource work of layer i under decisions lp (the same task list the engine builds)."""
+    lc = cm.layers[i]
+    fwd: dict = {}
+    bwd: dict = {}
+    post: dict = {}
+    e = cm.train.elem_bytes
+    _add(fwd, "gpu", cm.forward_s(i))
+    _add(bwd, "gpu", cm.backward_s(i) + (cm.recompute_s(i) if lp.activations == "recompute" else 0.0))
+    # weights are fetched for forward and again for backward when they do not live on the GPU
+    if lp.params != "gpu":
+        for d in (fwd, bwd):
+            _add(d, "h2d", cm.h2d_s(lc.weight_bytes))
+            if lp.params == "ssd":
+                _add(d, "ssd_read", cm.ssd_read_s(lc.weight_bytes))
+    if lp.activations in ("cpu", "ssd"):
+        _add(fwd, "d2h", cm.d2h_s(lc.act_bytes))
+        _add(bwd, "h2d", cm.h2d_s(lc.act_bytes))
+        if lp.activations == "ssd":
+            _add(fwd, "ssd_write", cm.ssd_write_s(lc.act_bytes))
+            _add(bwd, "ssd_read", cm.ssd_read_s(lc.act_bytes))
+    upd = post if lp.update == "after" else bwd
+    if lp.optimizer == "gpu":
+        _add(upd, "gpu", cm.gpu_update_s(i))
+    else:
+        n_opt = optimizer_params(cm, i, lp)
+        if lp.grad_rank is not None:
+            _add(bwd, "gpu", cm.compress_s(i, lp.grad_rank, nnz_per_row))
+            _add(upd, "gpu", cm.decompress_s(i, lp.grad_rank, nnz_per_row))
+        _add(bwd, "d2h", cm.d2h_s(n_opt * e))
+        _add(upd, "cpu", cm.cpu_update_s(n_opt))
+        if lp.optimizer == "ssd":
+            ob = optimizer_state_bytes(cm, i, lp)
+            _add(upd, "ssd_read", cm.ssd_read_s(ob))
+            _add(upd, "ssd_write", cm.ssd_write_s(ob))
+        if lp.params == "gpu":                     # updated weights (or the d x d delta) go back
+            _add(upd, "h2d", cm.h2d_s(n_opt * e if lp.grad_rank is not None else lc.weight_bytes))
+        elif lp.params == "ssd":
+            _add(upd, "ssd_write", cm.ssd_write_s(lc.weight_bytes))
+    return LayerWork(fwd, bwd, post)
+
+
+def busy_s(cm: CostModel, plan: Plan) -> dict[str, float]:
+    """Total seconds each resource is busy in one iteration (half-duplex links folded together)."""
+    tot = dict.fromkeys(RESOURCES, 0.0)
+    for i, lp in enumerate(plan.layers):
+        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row)
+        for d in (w.fwd, w.bwd, w.post):
+            for k, v in d.items():
+                tot[k] += v
+    return fold_duplex(tot, cm.hw)
+
+
+def fold_duplex(tot: dict[str, float], hw: HardwareProfile) -> dict[str, float]:
+    out = dict(tot)
+    if not hw.pcie_duplex:
+        out["h2d"] = out["d2h"] = tot["h2d"] + tot["d2h"]
+    if not hw.ssd_duplex:
+        out["ssd_read"] = out["ssd_write"] = tot["ssd_read"] + tot["ssd_write"]
+    out["cpu"] = tot["cpu"] / max(1, hw.cpu_workers)
+    return out
+
+
+def quick_iteration_s(cm: CostModel, plan: Plan) -> float:
+    """A fast estimate of steady-state iteration time: each phase (forward, backward, after) is a
+    pipeline whose per-layer step is bound by its busiest resource, plus the resources that run
+    beyond it; the iteration is never shorter than any resource's total. For search steering only."""
+    hw = cm.hw
+    phases = {"fwd": 0.0, "bwd": 0.0, "post": 0.0}
+    post_tot: dict = {}
+    for i, lp in enumerate(plan.layers):
+        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row)
+        phases["fwd"] += max(fold_duplex({**dict.fromkeys(RESOURCES, 0.0), **w.fwd}, hw).values())
+        phases["bwd"] += max(fold_duplex({**dict.fromkeys(RESOURCES, 0.0), **w.bwd}, hw).values())
+        for k, v in w.post.items():
+            post_tot[k] = post_tot.get(k, 0.0) + v
+    phases["post"] = max(fold_duplex({**dict.fromkeys(RESOURCES, 0.0), **post_tot}, hw).values())
+    # The overlapped CPU optimizer of the first layers in backward order finishes after backward ends:
+    # its tail is roughly one layer's update, already inside the sums above.
+    return max(sum(phases.values()), max(busy_s(cm, plan).values()))
+
+
+def footprint(cm: CostModel, plan: Plan) -> dict[str, int]:
+    """Peak bytes per tier this plan needs (resident state + the largest in-flight working set)."""
+    gpu = cpu = ssd = 0
+    act_gpu = 0
+    stream_w = swap_a = work_a = grad_max = 0
+    staging = 0
+    depth = plan.globals.prefetch_depth + 1
+    for i, lp in enumerate(plan.layers):
+        lc = cm.layers[i]
+        ob = optimizer_state_bytes(cm, i, lp)
+        tier = {"gpu": 0, "cpu": 0, "ssd": 0}
+        tier[lp.params] += lc.weight_bytes
+        tier[lp.optimizer] += ob
+        if lp.optimizer == "gpu" and lp.update == "after":
+            tier["gpu"] += lc.grad_bytes           # every gradient is alive until the step
+        if lp.optimizer != "gpu" and lp.update == "after":
+            tier["cpu"] += lc.grad_bytes           # gradients collected on the host for the step
+        if lp.activations == "keep":
+            act_gpu += lc.act_bytes
+        elif lp.activations == "recompute":
+            act_gpu += lc.act_checkpoint_bytes
+        else:
+            tier[lp.activations] += lc.act_bytes
+            swap_a = max(swap_a, lc.act_bytes)
+        if lp.params != "gpu":
+            stream_w = max(stream_w, lc.weight_bytes)
+        if lp.optimizer == "ssd" or lp.params == "ssd":
+            staging = max(staging, lc.weight_bytes + ob + lc.grad_bytes)
+        work_a = max(work_a, lc.act_bytes)
+        grad_max = max(grad_max, lc.grad_bytes)
+        gpu, cpu, ssd = gpu + tier["gpu"], cpu + tier["cpu"], ssd + tier["ssd"]
+    # In flight on the GPU: prefetch buffers for streamed weights and swapped activations, one
+    # layer's full activations during its backward and one layer's gradient.
+    gpu += act_gpu + depth * stream_w + depth * swap_a + work_a + grad_max
+    cpu += depth * staging
+    return {"gpu": int(gpu), "cpu": int(cpu), "ssd": int(ssd)}
+
+
+def overflow(cm: CostModel, plan: Plan) -> str | None:
+    """None when the footprint fits every tier of the plan's budget; else which tier, needed vs available."""
+    need = footprint(cm, plan)
+    for tier in ("gpu", "cpu", "ssd"):
+        cap = capacity(cm.hw, plan, tier)
+        if need[tier] > cap:
+            return f"{tier} memory: needs {need[tier] / 2**30:.1f} GiB, has {cap / 2**30:.1f} GiB"
+    return None
+
+
+def capacity(hw: HardwareProfile, plan: Plan, tier: str) -> int:
+    if tier == "gpu" and plan.globals.gpu_mem_bytes is not None:
+        return plan.globals.gpu_mem_bytes
+    return hw.capacity(tier)
+
+
+def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostModel:
+    return CostModel(model, train, hw)
