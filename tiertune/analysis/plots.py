@@ -257,8 +257,11 @@ def _draw_gantt(ax, ev: pd.DataFrame, lanes: list[str], scale: float) -> float:
             # Rectangles as (n, 4, 2) vertices, built in numpy rather than one patch per event.
             verts = np.stack([np.column_stack([x0, y]), np.column_stack([x0, y + h]),
                               np.column_stack([x1, y + h]), np.column_stack([x1, y])], axis=1)
-            pc = PolyCollection(verts, facecolors=style.kind_color(kind), edgecolors="none",
-                                linewidths=0, antialiased=False)
+            # A hairline white edge separates back-to-back events of one kind; with many events
+            # per lane the bars are too thin for edges, which would paint them white.
+            edges = len(x0) <= 200
+            pc = PolyCollection(verts, facecolors=style.kind_color(kind), edgecolors="white" if edges else "none",
+                                linewidths=0.5 if edges else 0, antialiased=edges)
             pc.set_gid(f"{res}/{kind}")
             ax.add_collection(pc, autolim=False)
     ax.set_xlim(0, span * scale * 1.01 if span > 0 else 1)
@@ -313,7 +316,9 @@ def timeline(trace: Trace, iteration: int | None = None, measured: Trace | None 
                 sub += f" ({100.0 * (span - spans[0]) / spans[0]:+.1f}% vs predicted)"
             ax.set_title(sub, loc="left")
         handles = [Patch(facecolor=style.kind_color(k), label=k) for k in kinds]
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(kinds), 7), frameon=False,
+        # One row when it fits (up to 10 kinds), else two balanced rows.
+        ncol = len(kinds) if len(kinds) <= 10 else math.ceil(len(kinds) / 2)
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
                    title="task kind")
         head = _describe(trace.meta)
         fig.suptitle("Per-resource timeline of one steady-state iteration" + (f"\n{head}" if head else ""))
@@ -376,7 +381,7 @@ def memory(trace: Trace) -> Figure:
             ax.set_title(title, loc="left")
             ax.set_ylabel(f"in use ({unit_b})")
             ax.set_ylim(bottom=0)
-            ax.legend(loc="upper right", frameon=False)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         axes[-1].set_xlabel(f"time ({unit_t})")
         axes[-1].set_xlim(0, (end_s - t_start) * scale_t)
         head = _describe(trace.meta)
@@ -409,8 +414,9 @@ def _policy_lines(ax, df: pd.DataFrame, x: str, y: str) -> list[str]:
 
 def _note_never(ax, never: list[str]) -> None:
     if never:
-        ax.text(0.0, -0.2, "does not fit at any point: " + ", ".join(never), transform=ax.transAxes,
-                fontsize=8, color="#555555", va="top")
+        # Under the legend, which sits to the right of the axes.
+        ax.text(1.03, 0.0, "never fits:\n" + "\n".join(never), transform=ax.transAxes,
+                fontsize=8, color="#555555", va="bottom", ha="left")
 
 
 def throughput_vs_budget(df: pd.DataFrame, metric: str = "tflops") -> Figure:
@@ -428,7 +434,8 @@ def throughput_vs_budget(df: pd.DataFrame, metric: str = "tflops") -> Figure:
         ax.set_xlabel(_X_LABELS["gpu_mem_gib"])
         ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{_METRIC_LABELS.get(metric, metric).split(' (')[0].capitalize()} vs GPU memory budget")
+        label = _METRIC_LABELS.get(metric, metric).split(" (")[0]
+        ax.set_title(f"{label[:1].upper()}{label[1:]} vs GPU memory budget")
         ax.legend(title="policy", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         _note_never(ax, never)
     return fig
@@ -508,13 +515,18 @@ def predicted_vs_measured(df: pd.DataFrame) -> Figure:
         ax.plot(line, line, color="#333333", linestyle="--", linewidth=1.0, label="y = x (exact)")
         colors = np.where(within, "#1f77b4", "#d62728")
         ax.scatter(meas, pred, c=list(colors), s=28, zorder=3, edgecolors="white", linewidths=0.5)
-        # Alternate label offsets by x order so neighbouring labels do not sit on top of each other.
+        # Points crowd along the diagonal, so labels go off it: alternately above-left and
+        # below-right (by x order), away from their neighbours' points and labels.
         for rank, i in enumerate(np.argsort(meas)):
-            dy = 6 if rank % 2 == 0 else -11
-            ax.annotate(str(d["label"].iloc[i]), (meas[i], pred[i]), xytext=(5, dy),
-                        textcoords="offset points", fontsize=7, color="#333333")
+            above = rank % 2 == 0
+            ax.annotate(str(d["label"].iloc[i]), (meas[i], pred[i]), xytext=(-5, 4) if above else (5, -4),
+                        textcoords="offset points", fontsize=7, color="#333333",
+                        ha="right" if above else "left", va="bottom" if above else "top")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
+        if log:   # plain numbers (0.1, 1, 10) read faster than 10^-1, 10^0, 10^1
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_aspect("equal", adjustable="box")
         ax.set_xlabel("measured time (s)")
         ax.set_ylabel("predicted time (s)")
@@ -610,7 +622,16 @@ def compare_bars(df: pd.DataFrame) -> Figure:
     bad = bad.set_index("policy").loc[style.ordered(bad["policy"], style.POLICY_ORDER)].reset_index()
     rows = pd.concat([ok, bad], ignore_index=True)
     longest = float(ok["iteration_s"].max()) if len(ok) else 1.0
-    best = float(ok["iteration_s"].min()) if len(ok) else float("nan")
+    # Ratios against the planner (what the paper claims against), else against the fastest real
+    # policy; `ideal` has unlimited GPU memory, so it is a reference, not a competitor.
+    real = ok[ok["policy"] != "ideal"]
+    planner = ok[ok["policy"] == "planner"]
+    if len(planner):
+        ref_name, ref = "planner", float(planner["iteration_s"].iloc[0])
+    elif len(real):
+        ref_name, ref = str(real["policy"].iloc[0]), float(real["iteration_s"].iloc[0])
+    else:
+        ref_name, ref = "", float("nan")
 
     fig = _figure(7.5, 1.0 + 0.38 * len(rows))
     with matplotlib.rc_context(RC):
@@ -623,8 +644,8 @@ def compare_bars(df: pd.DataFrame) -> Figure:
                 ax.barh(y, t, height=0.7, color=color, edgecolor="#333333" if pol == "planner" else color,
                         linewidth=1.2 if pol == "planner" else 0)
                 note = _fmt_seconds(t)
-                if t > best:
-                    note += f"  ({t / best:.2f}× best)"
+                if ref_name and pol != ref_name and ref > 0:
+                    note += f"  ({t / ref:.2f}× {ref_name})"
                 bn = getattr(row, "bottleneck", None)
                 if isinstance(bn, str) and bn:
                     note += f"  · bound by {style.resource_label(bn)}"

@@ -70,8 +70,8 @@ TIER_LABELS = {"gpu": "GPU memory", "cpu": "CPU memory", "ssd": "NVMe SSD"}
 
 # Fallback for unknown names: colours none of the fixed palettes above uses, so an unknown name
 # is never mistaken for a known one.
-_FALLBACK = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-             "#756bb1", "#636363", "#a55194", "#ad494a")
+# Dark or muted hues away from tab10's reds and browns, so no unknown policy looks like `planner`.
+_FALLBACK = ("#393b79", "#637939", "#8c6d31", "#7b4173", "#00827f", "#222222", "#5f6b7a", "#e6ab02")
 _FALLBACK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 
 
