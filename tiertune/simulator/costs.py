@@ -94,6 +94,11 @@ class CostModel:
         rate = self.hw.cpu_sgd_params_per_s if self.train.optimizer == "sgd" else self.hw.cpu_adam_params_per_s
         return params / rate
 
+    def cpu_apply_s(self, params: float) -> float:
+        """A CPU pass adding a dense update into `params` weights (one streaming read-modify-write,
+        SGD-class throughput): how host-resident weights absorb an LSP update P U Q^T."""
+        return params / self.hw.cpu_sgd_params_per_s if params > 0 else 0.0
+
     # --- LSP compression ----------------------------------------------------------------------------
     def compressed_params(self, layer: int, rank: int) -> int:
         """Elements that cross PCIe (and that CPU Adam updates) per matrix at rank d: d x d, never more than m x n."""

@@ -1,0 +1,372 @@
+"""Task-graph builder: (model, train, hardware, plan, K iterations) -> a `TaskGraph` of plain lists.
+
+Every task runs on one resource, lasts a cost-model duration, allocates bytes on memory tiers when
+it starts and frees bytes (its own or another task's) when it ends. Task ids are assigned in the
+order an executor would issue the work, every edge goes from a smaller id to a larger one, so the
+ids are a topological order and double as priorities for the engine (smaller id = more urgent).
+
+The graph is written straight into lists rather than built in networkx and compiled: DESIGN.md
+measured networkx construction plus its topological sort at ~30 ms for a 96-layer x 3 graph, more
+than the whole engine run, and the planner calls `simulate` many times. `TaskGraph.to_networkx()`
+gives the same graph as a DiGraph for analysis (critical path, tests).
+
+Memory model (bytes per layer from workload.layer_costs):
+  resident at t=0: GPU-homed weights; GPU optimizer state (+ the gradient buffer unless `fused`);
+      CPU-/SSD-homed weights and optimizer state on their tier; a CUDA context reserve.
+  transient: streamed weights (GPU copy from `load` to the compute that uses it), saved
+      activations (forward -> backward, or their CPU/SSD copy in between), gradients on their way
+      to a CPU optimizer, SSD-resident optimizer state while the CPU updates it, updated weights on
+      their way home. Host staging buffers are allocated when a copy starts and freed when its
+      consumer ends, so their peak is the pinned pool an executor allocates once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tiertune.errors import InputError
+from tiertune.hardware import HardwareProfile
+from tiertune.schedule import Plan
+from tiertune.simulator.costs import CostModel
+from tiertune.traces.trace import RESOURCES
+from tiertune.workload import ModelSpec, TrainSpec
+
+GPU, H2D, D2H, CPU, SSD_READ, SSD_WRITE = range(len(RESOURCES))   # same order as trace.RESOURCES
+TIERS = ("gpu", "cpu", "ssd")
+# A CUDA context with cuBLAS/cuDNN handles and the caching allocator's slack: ~300-500 MiB in
+# nvidia-smi before the first tensor on current drivers; we reserve the low end.
+CUDA_CONTEXT_BYTES = 300 << 20
+
+
+@dataclass
+class TaskGraph:
+    """Tasks as parallel lists indexed by id (ids are topologically ordered priorities)."""
+
+    kind: list[str] = field(default_factory=list)
+    tag: list[str] = field(default_factory=list)        # what a copy moves: w (weights), act, opt, grad
+    layer: list[int] = field(default_factory=list)
+    iteration: list[int] = field(default_factory=list)
+    micro: list[int] = field(default_factory=list)      # micro-batch (gradient accumulation)
+    resource: list[int] = field(default_factory=list)   # index into RESOURCES
+    duration: list[float] = field(default_factory=list)
+    nbytes: list[int] = field(default_factory=list)     # bytes moved (copies) for the trace
+    flops: list[float] = field(default_factory=list)
+    alloc: tuple[list[int], list[int], list[int]] = field(default_factory=lambda: ([], [], []))  # gpu, cpu, ssd
+    free: tuple[list[int], list[int], list[int]] = field(default_factory=lambda: ([], [], []))
+    succ: list[list[int]] = field(default_factory=list)
+    npred: list[int] = field(default_factory=list)
+    resident: list[int] = field(default_factory=lambda: [0, 0, 0])
+    capacity: list[int] = field(default_factory=lambda: [0, 0, 0])
+    pool: list[int] = field(default_factory=lambda: list(range(len(RESOURCES))))  # resource -> slot pool
+    pool_slots: list[int] = field(default_factory=lambda: [1] * len(RESOURCES))
+    iterations: int = 1
+
+    def __len__(self) -> int:
+        return len(self.duration)
+
+    # --- construction ------------------------------------------------------------------------
+    def add(self, kind: str, tag: str, layer: int, it: int, mb: int, res: int, dur: float, nbytes: int = 0,
+            flops: float = 0.0, gpu: int = 0, cpu: int = 0, ssd: int = 0) -> int:
+        t = len(self.duration)
+        self.kind.append(kind); self.tag.append(tag); self.layer.append(layer)
+        self.iteration.append(it); self.micro.append(mb); self.resource.append(res)
+        self.duration.append(float(dur)); self.nbytes.append(int(nbytes)); self.flops.append(float(flops))
+        for lst, b in zip(self.alloc, (gpu, cpu, ssd)):
+            lst.append(int(b))
+        for lst in self.free:
+            lst.append(0)
+        self.succ.append([]); self.npred.append(0)
+        return t
+
+    def edge(self, u: int | None, v: int) -> None:
+        if u is None:
+            return
+        assert u < v, "task ids must stay topologically ordered"
+        self.succ[u].append(v)
+        self.npred[v] += 1
+
+    def release(self, t: int, tier: int, nbytes: int) -> None:
+        """Task t frees nbytes on tier when it ends."""
+        self.free[tier][t] += int(nbytes)
+
+    # --- reading -------------------------------------------------------------------------------
+    def name(self, t: int) -> str:
+        tag = f".{self.tag[t]}" if self.tag[t] else ""
+        return f"{self.kind[t]}{tag}:L{self.layer[t]}:it{self.iteration[t]}:mb{self.micro[t]}"
+
+    def to_networkx(self):
+        """The same graph as a networkx DiGraph: node attributes kind, layer, iteration, resource, duration."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for t in range(len(self)):
+            g.add_node(t, name=self.name(t), kind=self.kind[t], layer=self.layer[t], iteration=self.iteration[t],
+                       resource=RESOURCES[self.resource[t]], duration=self.duration[t])
+        g.add_edges_from((u, v) for u, vs in enumerate(self.succ) for v in vs)
+        return g
+
+
+def capacities(hw: HardwareProfile, plan: Plan) -> list[int]:
+    gpu = plan.globals.gpu_mem_bytes if plan.globals.gpu_mem_bytes is not None else hw.gpu_mem_bytes
+    return [int(gpu), int(hw.cpu_mem_bytes), int(hw.ssd_capacity_total_bytes)]
+
+
+def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, iterations: int,
+          cm: CostModel | None = None) -> TaskGraph:
+    """The task graph of `iterations` training steps of `plan` (see the module docstring)."""
+    cm = cm or CostModel(model, train, hw)
+    costs = cm.layers
+    n = len(costs)
+    if plan.n_layers != n:
+        raise InputError(f"plan has {plan.n_layers} layers but model {model.name!r} has {n} (embed + blocks + head)")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise InputError(f"iterations must be a positive integer, got {iterations!r}")
+    e = train.elem_bytes
+    depth = plan.globals.prefetch_depth
+    nnz = plan.globals.lsp_nnz_per_row
+    passes = 2 if plan.needs_second_backward else 1
+    accum = train.grad_accum
+    # dY in, dX out of a layer's backward: transient GPU workspace (the saved activations are counted apart).
+    workspace = 2 * e * train.seq_len * train.batch * model.hidden
+
+    g = TaskGraph(iterations=iterations)
+    g.capacity = capacities(hw, plan)
+    if not hw.pcie_duplex:
+        g.pool[D2H] = H2D
+    if not hw.ssd_duplex:
+        g.pool[SSD_WRITE] = SSD_READ
+    g.pool_slots[CPU] = max(1, hw.cpu_workers)
+
+    # Per-layer constants.
+    lp_ = plan.layers
+    wb = [c.weight_bytes for c in costs]
+    act = [c.act_bytes for c in costs]
+    ckpt = [min(c.act_checkpoint_bytes, c.act_bytes) for c in costs]
+    sent_params = [cm.compressed_params(i, lp.grad_rank) if lp.grad_rank else costs[i].params
+                   for i, lp in enumerate(lp_)]
+    # LSP keeps Adam moments in the projected space, so the optimizer state shrinks with the rank.
+    opt_bytes = [c.optim_bytes * sent_params[i] // max(c.params, 1) for i, c in enumerate(costs)]
+    sent_bytes = [p * e for p in sent_params]
+
+    res = g.resident
+    res[0] += CUDA_CONTEXT_BYTES
+    for i, lp in enumerate(lp_):
+        res[TIERS.index(lp.params)] += wb[i]
+        res[TIERS.index(lp.optimizer)] += opt_bytes[i]
+        if lp.optimizer == "gpu" and lp.update != "fused":
+            res[0] += costs[i].grad_bytes            # persistent .grad buffer (zeroed, not freed, per step)
+
+    uses: list[int] = []                # the compute task that ends each layer step, in issue order
+    upd_done: list[int | None] = [None] * n      # last task making layer i's weights current at home
+    opt_written: list[int | None] = [None] * n   # last SSD write of layer i's optimizer state
+    upd_seq: list[int] = []
+
+    def window() -> int | None:
+        """A prefetch for the layer step about to be appended may start once the step depth+1 back ended."""
+        p = len(uses) - 1 - depth
+        return uses[p] if p >= 0 else None
+
+    def load_weights(i: int, it: int, mb: int, first_use: bool) -> int | None:
+        """Stream layer i's weights to the GPU; returns the h2d task (None when GPU-resident)."""
+        home = lp_[i].params
+        if home == "gpu":
+            return None
+        head = None
+        if home == "ssd":
+            head = g.add("ssd_read", "w", i, it, mb, SSD_READ, cm.ssd_read_s(wb[i]), wb[i], cpu=wb[i])
+        h = g.add("load", "w", i, it, mb, H2D, cm.h2d_s(wb[i]), wb[i], gpu=wb[i])
+        if head is not None:
+            g.edge(head, h)
+            g.release(h, 1, wb[i])
+        first = head if head is not None else h
+        g.edge(window(), first)
+        if first_use:
+            g.edge(upd_done[i], first)
+        return h
+
+    def update(i: int, it: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
+        """Optimizer step of layer i and the copies that bring its weights home; returns the update task."""
+        lp, c = lp_[i], costs[i]
+        if lp.optimizer == "gpu":
+            out = wb[i] if lp.params != "gpu" else 0      # new compute-dtype weights to send home
+            u = g.add("update", "", i, it, 0, GPU, cm.gpu_update_s(i), gpu=out)
+            for x in grad_ready:
+                g.edge(x, u)
+            g.edge(gate, u)
+            if lp.update == "fused":
+                g.release(u, 0, c.grad_bytes)
+            done = u
+            if lp.params != "gpu":
+                wbk = g.add("writeback", "w", i, it, 0, D2H, cm.d2h_s(wb[i]), wb[i],
+                            cpu=wb[i] if lp.params == "ssd" else 0)
+                g.edge(u, wbk)
+                g.release(wbk, 0, wb[i])
+                done = wbk
+                if lp.params == "ssd":
+                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cm.ssd_write_s(wb[i]), wb[i])
+                    g.edge(wbk, sw)
+                    g.release(sw, 1, wb[i])
+                    done = sw
+            upd_done[i] = done
+            return u
+        # CPU optimizer (state in host memory, or on SSD and streamed through host memory).
+        sr = None
+        if lp.optimizer == "ssd":
+            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, cm.ssd_read_s(opt_bytes[i]), opt_bytes[i],
+                       cpu=opt_bytes[i])
+            g.edge(opt_written[i], sr)
+            g.edge(read_after, sr)
+            if len(upd_seq) > depth:                  # and no further ahead of the optimizer itself
+                g.edge(upd_seq[-1 - depth], sr)
+        rank = lp.grad_rank
+        out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
+        dur = cm.cpu_update_s(sent_params[i])
+        if rank and lp.params != "gpu":
+            dur += cm.cpu_apply_s(c.params)           # the dense weights absorb P U Q^T on the host
+        u = g.add("update", "", i, it, 0, CPU, dur, cpu=out)
+        upd_seq.append(u)
+        g.edge(sr, u)
+        for x in grad_ready:
+            g.edge(x, u)
+        g.edge(gate, u)
+        g.release(u, 1, sent_bytes[i])                # the host gradient buffer
+        if sr is not None:
+            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, cm.ssd_write_s(opt_bytes[i]), opt_bytes[i])
+            g.edge(u, sw)
+            g.release(sw, 1, opt_bytes[i])
+            opt_written[i] = sw
+        done = u
+        if lp.params == "gpu" and rank:
+            wbk = g.add("writeback", "w", i, it, 0, H2D, cm.h2d_s(sent_bytes[i]), sent_bytes[i], gpu=sent_bytes[i])
+            g.edge(u, wbk)
+            g.release(wbk, 1, sent_bytes[i])
+            d = g.add("decompress", "", i, it, 0, GPU, cm.decompress_s(i, rank, nnz))
+            g.edge(wbk, d)
+            g.release(d, 0, sent_bytes[i])
+            done = d
+        elif lp.params == "gpu":
+            wbk = g.add("writeback", "w", i, it, 0, H2D, cm.h2d_s(wb[i]), wb[i])
+            g.edge(u, wbk)
+            g.release(wbk, 1, wb[i])
+            done = wbk
+        elif lp.params == "ssd":
+            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cm.ssd_write_s(wb[i]), wb[i])
+            g.edge(u, sw)
+            g.release(sw, 1, wb[i])
+            done = sw
+        upd_done[i] = done
+        return u
+
+    prev_end: int | None = None          # the compute task everything of the next micro-batch follows
+    for it in range(iterations):
+        grads: list[list[int]] = [[] for _ in range(n)]     # gradient arrivals per layer over micro-batches
+        upd_seq.clear()                                      # this step's CPU updates, in issue order
+        after_layers: list[int] = []
+        for mb in range(accum):
+            # ---- forward ----
+            homes: list[tuple[int | None, int | None]] = [(None, None)] * n   # (offload d2h, ssd write)
+            for i in range(n):
+                lp, c = lp_[i], costs[i]
+                h = load_weights(i, it, mb, first_use=(mb == 0))
+                f = g.add("forward", "", i, it, mb, GPU, cm.forward_s(i), flops=c.fwd_flops, gpu=act[i])
+                g.edge(h, f)
+                g.edge(prev_end, f)
+                if h is None and mb == 0:
+                    g.edge(upd_done[i], f)
+                if h is not None:
+                    g.release(f, 0, wb[i])
+                if lp.activations == "recompute":
+                    g.release(f, 0, act[i] - ckpt[i])
+                elif lp.activations in ("cpu", "ssd"):
+                    o = g.add("offload", "act", i, it, mb, D2H, cm.d2h_s(act[i]), act[i], cpu=act[i])
+                    g.edge(f, o)
+                    g.release(o, 0, act[i])
+                    w = None
+                    if lp.activations == "ssd":
+                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, cm.ssd_write_s(act[i]), act[i], ssd=act[i])
+                        g.edge(o, w)
+                        g.release(w, 1, act[i])
+                    homes[i] = (o, w)
+                uses.append(f)
+                prev_end = f
+            # ---- backward (twice when clipping needs the norm before in-backward updates) ----
+            for p in range(passes):
+                last = p == passes - 1
+                tag = "" if last else "norm"
+                for i in reversed(range(n)):
+                    lp, c = lp_[i], costs[i]
+                    h = load_weights(i, it, mb, first_use=False)
+                    prep = None
+                    if lp.activations in ("cpu", "ssd"):
+                        o, w = homes[i]
+                        src = o
+                        if lp.activations == "ssd":
+                            sr = g.add("ssd_read", "act", i, it, mb, SSD_READ, cm.ssd_read_s(act[i]), act[i], cpu=act[i])
+                            g.edge(w, sr)
+                            g.edge(window(), sr)
+                            if last:
+                                g.release(sr, 2, act[i])
+                            src = sr
+                        prep = g.add("fetch", "act", i, it, mb, H2D, cm.h2d_s(act[i]), act[i], gpu=act[i])
+                        g.edge(src, prep)
+                        if lp.activations == "cpu":
+                            g.edge(window(), prep)
+                        if last or lp.activations == "ssd":
+                            g.release(prep, 1, act[i])
+                    elif lp.activations == "recompute":
+                        prep = g.add("recompute", tag, i, it, mb, GPU, cm.recompute_s(i), flops=c.fwd_flops,
+                                     gpu=act[i] - ckpt[i])
+                        g.edge(h, prep)
+                        g.edge(prev_end, prep)
+                    dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
+                    b = g.add("backward", tag, i, it, mb, GPU, cm.backward_s(i), flops=c.bwd_flops,
+                              gpu=workspace + dyn_grad)
+                    g.edge(h, b)
+                    g.edge(prep, b)
+                    g.edge(prev_end, b)
+                    freed = workspace + (wb[i] if h is not None else 0)
+                    if lp.activations == "keep":
+                        freed += act[i] if last else 0
+                    elif lp.activations == "recompute":
+                        freed += act[i] - ckpt[i] + (ckpt[i] if last else 0)
+                    else:
+                        freed += act[i]
+                    if not last:
+                        freed += dyn_grad                  # the norm pass only keeps a running sum
+                    g.release(b, 0, freed)
+                    uses.append(b)
+                    prev_end = b
+                    if not last:
+                        continue
+                    # ---- gradient to the optimizer ----
+                    if lp.optimizer == "gpu":
+                        arrival = b
+                    else:
+                        src = b
+                        if lp.grad_rank:
+                            cx = g.add("compress", "grad", i, it, mb, GPU,
+                                       cm.compress_s(i, lp.grad_rank, nnz), gpu=sent_bytes[i])
+                            g.edge(b, cx)
+                            g.release(cx, 0, c.grad_bytes)
+                            src = cx
+                        gd = g.add("grad", "grad", i, it, mb, D2H, cm.d2h_s(sent_bytes[i]), sent_bytes[i],
+                                   cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
+                        g.edge(src, gd)
+                        g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
+                        arrival = gd
+                    grads[i].append(arrival)
+                    if mb == accum - 1:
+                        if lp.update == "after":
+                            after_layers.append(i)
+                        else:
+                            u = update(i, it, grads[i], None, window() if lp.optimizer == "ssd" else None)
+                            if lp.update == "fused" and lp.optimizer == "gpu":
+                                prev_end = u          # LOMO: the hook updates before the next layer's backward
+        # ---- deferred (ZeRO-style) updates: in forward order so the next step can start early ----
+        gate = prev_end
+        order = sorted(after_layers)
+        upd_tasks: list[int] = []
+        for j, i in enumerate(order):
+            read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
+            upd_tasks.append(update(i, it, grads[i], gate, read_after))
+    return g

@@ -1,0 +1,140 @@
+"""`simulate(model, train, hw, plan)`: build the task graph, run the engine, summarise as a `SimResult`.
+
+The planner calls this many times, so the summary is computed from the engine's lists directly
+and the `Trace` (a pandas table) is only built when someone reads `SimResult.trace`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+from tiertune.hardware import HardwareProfile
+from tiertune.schedule import Plan
+from tiertune.simulator import builder, engine
+from tiertune.simulator.builder import RESOURCES, TIERS, TaskGraph
+from tiertune.simulator.costs import CostModel
+from tiertune.workload import ModelSpec, TrainSpec, model_flops_per_step
+
+GiB = float(1 << 30)
+_COST_CACHE: dict[tuple, CostModel] = {}
+
+
+def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostModel:
+    """One CostModel per (model, train, hardware): the planner simulates many plans of one workload."""
+    key = (model, train, repr(hw))
+    cm = _COST_CACHE.get(key)
+    if cm is None:
+        if len(_COST_CACHE) > 64:
+            _COST_CACHE.clear()
+        cm = _COST_CACHE[key] = CostModel(model, train, hw)
+    return cm
+
+
+@dataclass
+class SimResult:
+    fits: bool
+    iteration_s: float                       # steady state (after the first iteration); inf when not fitting
+    tokens_per_s: float
+    tflops: float                            # model FLOPs per step / iteration_s, in TFLOP/s
+    peak_bytes: dict[str, int]
+    busy_s: dict[str, float]                 # per resource, seconds per steady iteration
+    bottleneck: str                          # resource with the highest utilisation (busy / slots)
+    events: int                              # tasks simulated
+    sim_wall_s: float
+    error: str | None = None                 # why it does not fit: tier, needed vs available
+    error_tier: str | None = None
+    graph: TaskGraph | None = field(default=None, repr=False)
+    run: engine.EngineRun | None = field(default=None, repr=False)
+    meta: dict = field(default_factory=dict, repr=False)
+    _trace: object = field(default=None, repr=False)
+
+    @property
+    def trace(self):
+        """The run as a `tiertune.traces.Trace` (source "simulated"), built on first access."""
+        if self._trace is None:
+            self._trace = to_trace(self)
+        return self._trace
+
+    def to_dict(self) -> dict:
+        d = {"fits": self.fits,
+             "iteration_s": self.iteration_s if math.isfinite(self.iteration_s) else None,
+             "tokens_per_s": self.tokens_per_s, "tflops": self.tflops, "peak_bytes": dict(self.peak_bytes),
+             "busy_s": dict(self.busy_s), "bottleneck": self.bottleneck, "events": self.events,
+             "sim_wall_s": self.sim_wall_s}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def simulate(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan,
+             iterations: int | None = None) -> SimResult:
+    """Simulate `iterations` steps (default: the plan's) of `plan`; steady state excludes the first."""
+    t0 = time.perf_counter()
+    k = plan.globals.iterations if iterations is None else iterations
+    cm = cost_model(model, train, hw)
+    g = builder.build(model, train, hw, plan, k, cm)
+    meta = {"source": "simulated", "model": model.name, "model_spec": model.to_dict(), "hardware": hw.name,
+            "hardware_summary": hw.summary(), "plan": plan.to_dict(), "train": train.to_dict(),
+            "capacity": dict(zip(TIERS, g.capacity)), "iterations": k}
+
+    def failed(msg: str, tier: str | None, peak: list[int], run=None) -> SimResult:
+        return SimResult(False, math.inf, 0.0, 0.0, dict(zip(TIERS, peak)), {r: 0.0 for r in RESOURCES}, "none",
+                         len(g), time.perf_counter() - t0, msg, tier, g, run, meta)
+
+    for tier, need, cap in zip(TIERS, g.resident, g.capacity):
+        if need > cap:
+            what = "GPU-resident state" if tier == "gpu" else f"state homed on {tier}"
+            return failed(f"does not fit in {tier} memory: {what} needs {need / GiB:.2f} GiB "
+                          f"but the capacity is {cap / GiB:.2f} GiB", tier, list(g.resident))
+    try:
+        run = engine.run(g)
+    except engine.SimStall as exc:
+        return failed(str(exc), exc.tier, list(g.resident))
+
+    ends = [0.0] * k
+    for t, e in enumerate(run.end):
+        it = g.iteration[t]
+        if e > ends[it]:
+            ends[it] = e
+    iteration_s = (ends[-1] - ends[0]) / (k - 1) if k > 1 else ends[0]
+    busy = [0.0] * len(RESOURCES)
+    first_steady = 1 if k > 1 else 0
+    dur, res, its = g.duration, g.resource, g.iteration
+    for t in range(len(g)):
+        if its[t] >= first_steady:
+            busy[res[t]] += dur[t]
+    steady = max(k - first_steady, 1)
+    busy_s = {r: busy[i] / steady for i, r in enumerate(RESOURCES)}
+    # Utilisation per slot pool (h2d/d2h or SSD read/write share one when half duplex).
+    pool_busy: dict[int, float] = {}
+    for i in range(len(RESOURCES)):
+        pool_busy[g.pool[i]] = pool_busy.get(g.pool[i], 0.0) + busy_s[RESOURCES[i]]
+    util = {r: pool_busy[g.pool[i]] / g.pool_slots[g.pool[i]] for i, r in enumerate(RESOURCES)}
+    bottleneck = max(RESOURCES, key=lambda r: (util[r], busy_s[r]))
+    flops = model_flops_per_step(model, train)
+    return SimResult(True, iteration_s, train.tokens / iteration_s if iteration_s > 0 else math.inf,
+                     flops / iteration_s / 1e12 if iteration_s > 0 else math.inf,
+                     dict(zip(TIERS, run.peak)), busy_s, bottleneck, len(g), time.perf_counter() - t0,
+                     None, None, g, run, meta)
+
+
+def to_trace(result: SimResult):
+    """The task starts/ends and memory samples of a simulated run as a Trace."""
+    from tiertune.traces.trace import Trace      # pandas: only when a trace is wanted
+
+    g, r = result.graph, result.run
+    events, memory = [], []
+    if g is not None and r is not None:
+        for t in range(len(g)):
+            events.append({"source": "simulated", "iteration": g.iteration[t], "task": g.name(t),
+                           "kind": g.kind[t], "layer": g.layer[t], "resource": RESOURCES[g.resource[t]],
+                           "start_s": r.start[t], "end_s": r.end[t], "bytes": g.nbytes[t], "flops": g.flops[t]})
+        memory = [{"time_s": tm, "tier": TIERS[k], "bytes": b}
+                  for tm, k, b in zip(r.mem_time, r.mem_tier, r.mem_bytes)]
+    return Trace.from_records(events, memory, result.meta)
