@@ -1,0 +1,476 @@
+"""Microbenchmarks of the machine at hand -> a `HardwareProfile` (`tiertune calibrate`).
+
+Each constant the cost model reads is measured over a range of sizes, so the profile carries
+measured size-dependent efficiency tables (Calculon's form) besides the peaks:
+
+- matmul FLOP/s per dtype at transformer-layer shapes (tokens x hidden x {hidden, 4*hidden});
+- host<->device copies (pinned and pageable) from 64 KiB to 256 MiB;
+- device memory bandwidth (a large elementwise add);
+- SSD read/write under an offload directory, with the page cache bypassed (O_DIRECT) or dropped;
+- CPU AdamW / SGD throughput in params/s (torch's fused CPU kernels, as the executor uses them).
+
+With `device="cpu"` the CPU plays the GPU: "copies" are host memcpys between two buffers through
+the same `copy_` call, and there is no pinned memory. The profile's description says so, and
+says how the SSD cache was handled. Every timing is the median of repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tiertune.errors import InputError
+from tiertune.hardware import GiB, Curve, HardwareProfile
+from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
+
+KiB, MiB = 1 << 10, 1 << 20
+ALIGN = 4096                      # O_DIRECT needs buffers, offsets and lengths aligned to the block size
+SSD_CHUNK = 8 * MiB               # one request of a request stream (DeepSpeed AIO uses 1-8 MiB blocks)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure: the full run (~2 min on 2 cores) or --quick (a few seconds)."""
+
+    hiddens: tuple[int, ...]
+    tokens: int
+    copy_sizes: tuple[int, ...]
+    membw_bytes: int
+    ssd_sizes: tuple[int, ...]
+    optim_params: int
+    repeats: int
+    call_budget_s: float          # skip a benchmark size whose single call would take longer
+
+
+def settings_for(device: str, quick: bool) -> Settings:
+    pow2 = lambda lo, hi, step=2: tuple(1 << k for k in range(lo, hi + 1, step))   # noqa: E731
+    if quick:
+        return Settings(hiddens=(128, 256), tokens=128, copy_sizes=pow2(16, 22, 3), membw_bytes=16 * MiB,
+                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, repeats=3, call_budget_s=0.05)
+    gpu = device == "cuda"
+    return Settings(hiddens=(1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048),
+                    tokens=4096 if gpu else 512, copy_sizes=pow2(16, 28), membw_bytes=(1 << 30) if gpu else 256 * MiB,
+                    ssd_sizes=(256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
+                    optim_params=16 << 20, repeats=5, call_budget_s=1.0)
+
+
+@dataclass
+class Measurements:
+    """Raw results, kept so tests and reports can see what the profile was built from."""
+
+    matmul: list[tuple[str, float, float]] = field(default_factory=list)     # (dtype, flops, seconds)
+    copies: list[tuple[str, bool, int, float]] = field(default_factory=list)  # (direction, pinned, bytes, s)
+    membw_bps: float = 0.0
+    ssd: list[tuple[str, int, float]] = field(default_factory=list)          # (read|write, bytes, seconds)
+    ssd_method: str = ""
+    adam_params_per_s: float = 0.0
+    sgd_params_per_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- timing ------------------------------------------------------------------------------------------
+def median_time(fn: Callable[[], object], sync: Callable[[], None], repeats: int, warmup: int = 1,
+                budget_s: float = float("inf")) -> float:
+    """Median wall time of `fn` after `warmup` calls; stops early once `budget_s` is spent (>= 1 run)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, spent = [], 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+        if spent > budget_s:
+            break
+    return float(np.median(times))
+
+
+def isotonic(values: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators).
+
+    Efficiency tables model 'bigger requests are no less efficient' (Calculon); on a CPU the
+    caches make small copies look faster, and noise makes neighbours swap: pooling keeps the
+    table's shape honest without inventing points.
+    """
+    blocks: list[list[float]] = []                   # [mean, weight]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2 = blocks.pop()
+            m1, w1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    out: list[float] = []
+    for m, w in blocks:
+        out += [m] * int(w)
+    return out
+
+
+def efficiency_curve(sizes: list[float], effs: list[float]) -> Curve:
+    """A step table from (size, efficiency) samples: median per size, sorted, isotonic, capped at 1,
+    first step from size 0 (so every size has an entry)."""
+    by_size: dict[float, list[float]] = {}
+    for size, eff in zip(sizes, effs):
+        by_size.setdefault(float(size), []).append(min(max(float(eff), 0.01), 1.0))
+    sizes = sorted(by_size)
+    effs = isotonic([float(np.median(by_size[size])) for size in sizes])
+    points = [(0.0 if k == 0 else s, round(e, 4)) for k, (s, e) in enumerate(zip(sizes, effs))]
+    return Curve(tuple(points))
+
+
+def transfer_table(samples: list[tuple[int, float]], latency_s: float) -> tuple[float, Curve]:
+    """Peak bandwidth and efficiency table from (bytes, seconds) samples.
+
+    The peak is the median bandwidth of the two largest sizes (what layer-sized transfers see,
+    not cache-resident ones); efficiency at each size is chosen so that the cost model's
+    `latency + bytes / (peak * eff)` reproduces the measured time (capped at 1).
+    """
+    samples = sorted(samples)
+    peak = float(np.median([b / t for b, t in samples[-2:]]))
+    effs = [b / (peak * (t - latency_s)) if t > latency_s else 1.0 for b, t in samples]
+    return peak, efficiency_curve([b for b, _ in samples], effs)
+
+
+# --- host facts -----------------------------------------------------------------------------------------
+def host_memory_bytes() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# --- benchmarks -------------------------------------------------------------------------------------------
+class Bench:
+    """The benchmarks for one device; each appends to `self.m`."""
+
+    def __init__(self, device: str, settings: Settings) -> None:
+        import torch
+
+        self.torch, self.device, self.s = torch, device, settings
+        self.cuda = device == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.m = Measurements()
+
+    def time(self, fn: Callable[[], object], budget_s: float | None = None) -> float:
+        return median_time(fn, self.sync, self.s.repeats, budget_s=budget_s or self.s.call_budget_s * self.s.repeats)
+
+    def dtypes(self) -> list[str]:
+        """fp32 and bf16 always; fp16 where a matmul in it runs on this device."""
+        torch = self.torch
+        out = ["fp32", "bf16"]
+        with contextlib.suppress(RuntimeError):
+            x = torch.ones(8, 8, dtype=torch.float16, device=self.device)
+            (x @ x).sum().item()
+            out.append("fp16")
+        return out
+
+    def matmul(self, dtype: str) -> None:
+        """tokens x hidden @ hidden x {hidden, 4*hidden}, ascending in FLOPs; stops before a size
+        whose single call is predicted to exceed the budget (bf16 on a CPU without AVX512-BF16
+        runs ~200x slower than fp32)."""
+        torch = self.torch
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        t = self.s.tokens
+        shapes = sorted({(h, n) for h in self.s.hiddens for n in (h, 4 * h)}, key=lambda hn: hn[0] * hn[1])
+        rate = None
+        for i, (h, n) in enumerate(shapes):
+            flops = 2.0 * t * h * n
+            if i > 1 and rate and flops / rate > self.s.call_budget_s:     # >= 2 sizes: one noisy first call must not end the sweep
+                self.m.notes.append(f"{dtype} matmul measured up to {shapes[i - 1][0]}x{shapes[i - 1][1]} (slow)")
+                break
+            a = torch.randn(t, h, device=self.device).to(tdt)
+            b = torch.randn(h, n, device=self.device).to(tdt)
+            out = torch.empty(t, n, device=self.device, dtype=tdt)
+            secs = self.time(lambda: torch.matmul(a, b, out=out))
+            rate = flops / secs
+            self.m.matmul.append((dtype, flops, secs))
+
+    def copies(self) -> None:
+        """h2d/d2h with `copy_(non_blocking=True)`, pinned (reused buffers) and pageable."""
+        torch = self.torch
+        big = max(self.s.copy_sizes)
+        dev = torch.empty(big, dtype=torch.uint8, device=self.device)
+        dev.fill_(1)
+        hosts = {False: torch.ones(big, dtype=torch.uint8)}
+        if self.cuda:
+            hosts[True] = torch.ones(big, dtype=torch.uint8, pin_memory=True)   # allocated once, reused
+        for pinned, host in hosts.items():
+            for n in self.s.copy_sizes:
+                h, d = host[:n], dev[:n]
+                self.m.copies.append(("h2d", pinned, n, self.time(lambda: d.copy_(h, non_blocking=True))))
+                self.m.copies.append(("d2h", pinned, n, self.time(lambda: h.copy_(d, non_blocking=True))))
+                yield
+
+    def duplex(self) -> bool:
+        """CUDA: do an h2d and a d2h on two streams overlap (separate copy engines)? CPU: no,
+        both memcpy directions share one memory bus."""
+        if not self.cuda:
+            return False
+        torch = self.torch
+        n = 64 * MiB
+        h1, h2 = torch.ones(n, dtype=torch.uint8, pin_memory=True), torch.ones(n, dtype=torch.uint8, pin_memory=True)
+        d1, d2 = torch.ones(n, dtype=torch.uint8, device="cuda"), torch.ones(n, dtype=torch.uint8, device="cuda")
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+        def both() -> None:
+            with torch.cuda.stream(s1):
+                d1.copy_(h1, non_blocking=True)
+            with torch.cuda.stream(s2):
+                h2.copy_(d2, non_blocking=True)
+
+        one = self.time(lambda: d1.copy_(h1, non_blocking=True)) + self.time(lambda: h2.copy_(d2, non_blocking=True))
+        return self.time(both) < 0.75 * one
+
+    def memory_bandwidth(self) -> None:
+        """c = a + b over a large array: 3 x bytes move through device memory."""
+        torch = self.torch
+        n = self.s.membw_bytes // 4
+        a, b, c = (torch.ones(n, device=self.device) for _ in range(3))
+        secs = self.time(lambda: torch.add(a, b, out=c), budget_s=10.0)
+        self.m.membw_bps = 3 * n * 4 / secs
+
+    def optimizers(self) -> None:
+        """CPU AdamW and SGD on fp32 tensors (~16M params in 4 tensors), fused kernels where torch
+        has them (foreach otherwise), with torch's default thread count."""
+        torch = self.torch
+        n = self.s.optim_params
+        params = [torch.nn.Parameter(torch.randn(n // 4)) for _ in range(4)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        for name, cls, kw in (("adam", torch.optim.AdamW, {"lr": 1e-4}), ("sgd", torch.optim.SGD, {"lr": 1e-4})):
+            for impl in ({"fused": True}, {"foreach": True}):
+                try:
+                    opt = cls(params, **kw, **impl)
+                    secs = self.time(opt.step, budget_s=5.0)
+                except (RuntimeError, TypeError):
+                    continue
+                setattr(self.m, f"{name}_params_per_s", n / secs)
+                self.m.notes.append(f"CPU {name} {'fused' if 'fused' in impl else 'foreach'} on {torch.get_num_threads()} threads")
+                break
+            else:
+                raise InputError(f"torch has no usable CPU {name} optimizer here")
+
+
+# --- SSD ------------------------------------------------------------------------------------------------
+def _aligned(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping: page-aligned, as O_DIRECT requires."""
+    return mmap.mmap(-1, max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN))
+
+
+def _open(path: Path, flags: int, direct: bool) -> int:
+    return os.open(path, flags | (getattr(os, "O_DIRECT", 0) if direct else 0), 0o600)
+
+
+def _stream(path: Path, view: memoryview, size: int, write: bool, direct: bool) -> float:
+    """Seconds to write (and fsync) or read `size` bytes in SSD_CHUNK requests; a buffered write
+    is fsync'ed and its pages dropped (posix_fadvise DONTNEED) so the next read hits the device."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY
+    fd = _open(path, flags, direct)
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, size, SSD_CHUNK):
+            chunk = view[:min(SSD_CHUNK, size - off)]
+            os.pwrite(fd, chunk, off) if write else os.preadv(fd, [chunk], off)
+        if write:
+            os.fsync(fd)
+        secs = time.perf_counter() - t0
+        if write and not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return secs
+    finally:
+        os.close(fd)
+
+
+def _direct_works(path: Path, view: memoryview) -> bool:
+    """O_DIRECT where the OS and filesystem take it (tmpfs, macOS and some overlays do not)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        _stream(path, view, ALIGN, write=True, direct=True)
+        _stream(path, view, ALIGN, write=False, direct=True)
+        return True
+    except OSError:
+        return False
+
+
+def ssd_bench(directory: Path, sizes: tuple[int, ...], repeats: int, m: Measurements):
+    """Write then read one file per size in SSD_CHUNK requests; median of repeats; yields per size.
+
+    O_DIRECT bypasses the page cache; without it, the write is fsync'ed and its pages dropped
+    before the read, so the read comes from the device."""
+    free = shutil.disk_usage(directory).free
+    if free < 2 * max(sizes):
+        raise InputError(f"--offload-dir {directory}: {free / MiB:.0f} MiB free, "
+                         f"the SSD test needs {2 * max(sizes) / MiB:.0f} MiB")
+    buf = _aligned(min(max(sizes), SSD_CHUNK))
+    block = os.urandom(min(len(buf), MiB))          # incompressible, in case the device compresses
+    buf.write(block * (len(buf) // len(block)))
+    view = memoryview(buf)
+    path = directory / f"tiertune-calibrate-{os.getpid()}.bin"
+    try:
+        direct = _direct_works(path, view)
+        if direct:
+            m.ssd_method = "O_DIRECT (page cache bypassed)"
+        elif hasattr(os, "posix_fadvise"):
+            m.ssd_method = "buffered: fsync + posix_fadvise DONTNEED before each read"
+        else:
+            m.ssd_method = "buffered, page cache NOT dropped (reads may be optimistic)"
+        for size in sizes:
+            writes, reads = [], []
+            for _ in range(repeats):
+                writes.append(_stream(path, view, size, write=True, direct=direct))
+                reads.append(_stream(path, view, size, write=False, direct=direct))
+            m.ssd += [("write", size, float(np.median(writes))), ("read", size, float(np.median(reads)))]
+            yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        view.release()
+        buf.close()
+
+
+# --- driver -------------------------------------------------------------------------------------------------
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this torch build sees no CUDA GPU (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    return device
+
+
+def calibrate(device: str | None = None, offload_dir: str | Path | None = None, quick: bool = False,
+              device_mem_gib: float | None = None, name: str | None = None,
+              progress: bool = True) -> tuple[HardwareProfile, Measurements]:
+    """Run every microbenchmark and build the profile (nothing is written here)."""
+    from tqdm import tqdm
+
+    device = resolve_device(device)
+    if device_mem_gib is not None and device_mem_gib <= 0:
+        raise InputError(f"--device-mem must be positive, got {device_mem_gib}")
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise InputError(f"--offload-dir {offload_dir} is not a directory")
+    s = settings_for(device, quick)
+    bench = Bench(device, s)
+    m = bench.m
+    dtypes = bench.dtypes()
+    steps = len(dtypes) + len(s.copy_sizes) * (2 if device == "cuda" else 1) + 1 + len(s.ssd_sizes) + 1
+    with tqdm(total=steps, desc="calibrate", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for dt in dtypes:
+            bar.set_postfix_str(f"matmul {dt}")
+            bench.matmul(dt)
+            bar.update()
+        bar.set_postfix_str("copies")
+        for _ in bench.copies():
+            bar.update()
+        duplex = bench.duplex()
+        bar.set_postfix_str("memory bandwidth")
+        bench.memory_bandwidth()
+        bar.update()
+        bar.set_postfix_str("ssd")
+        with contextlib.ExitStack() as stack:
+            where = Path(offload_dir) if offload_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiertune-ssd-")))
+            for _ in ssd_bench(where, s.ssd_sizes, s.repeats, m):
+                bar.update()
+            ssd_capacity = shutil.disk_usage(where).free
+        bar.set_postfix_str("cpu optimizers")
+        bench.optimizers()
+        bar.update()
+    return build_profile(m, device, duplex, ssd_capacity, device_mem_gib, name, bench), m
+
+
+def _plain(text: str) -> str:
+    """to_toml writes strings between double quotes without escaping: keep quotes and backslashes out."""
+    return text.replace('"', "").replace("'", "").replace("\\", "/")
+
+
+def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int, device_mem_gib: float | None,
+                  name: str | None, bench: Bench) -> HardwareProfile:
+    torch = bench.torch
+    host_mem = host_memory_bytes()
+    notes = []
+    # matmul: peak per dtype; efficiency per FLOPs is the median over dtypes of rate / that dtype's peak
+    peaks: dict[str, float] = {}
+    for dt, flops, secs in m.matmul:
+        peaks[dt] = max(peaks.get(dt, 0.0), flops / secs)
+    matmul_eff = efficiency_curve([f for _, f, _ in m.matmul], [f / t / peaks[dt] for dt, f, t in m.matmul])
+
+    def copies(direction: str, pinned: bool) -> list[tuple[int, float]]:
+        return [(n, t) for d, p, n, t in m.copies if d == direction and p == pinned]
+
+    pinned = device == "cuda"
+    _, pcie_eff = transfer_table(copies("h2d", pinned) + copies("d2h", pinned), COPY_LATENCY_S)
+    h2d_bps, _ = transfer_table(copies("h2d", pinned), COPY_LATENCY_S)
+    d2h_bps, _ = transfer_table(copies("d2h", pinned), COPY_LATENCY_S)
+    if pinned:
+        pageable = (transfer_table(copies("h2d", False), COPY_LATENCY_S)[0]
+                    + transfer_table(copies("d2h", False), COPY_LATENCY_S)[0]) / (h2d_bps + d2h_bps)
+    else:
+        pageable = 1.0
+        notes.append("CPU as device: h2d/d2h are host memcpys (tensor.copy_) between two buffers; "
+                     "no pinned memory without CUDA, so pageable_factor = 1")
+    ssd_read, ssd_eff = transfer_table([(n, t) for k, n, t in m.ssd if k == "read"], SSD_LATENCY_S)
+    ssd_write, _ = transfer_table([(n, t) for k, n, t in m.ssd if k == "write"], SSD_LATENCY_S)
+    notes.append(f"SSD: {m.ssd_method}")
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu_name, gpu_mem = props.name, props.total_memory
+        if device_mem_gib is not None:
+            gpu_mem = int(device_mem_gib * GiB)
+            notes.append(f"GPU memory budget {device_mem_gib:g} GiB of {props.total_memory / GiB:.1f}")
+    else:
+        gpu_name = f"CPU as device ({cpu_name()})"
+        gpu_mem = int(device_mem_gib * GiB) if device_mem_gib is not None else host_mem // 4
+        notes.append(f"device memory budget {gpu_mem / GiB:.3g} GiB "
+                     f"({'--device-mem' if device_mem_gib is not None else 'default: a quarter of host RAM'})")
+    notes += m.notes
+    desc = f"measured by tiertune calibrate on {platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')}; " + "; ".join(notes)
+    return HardwareProfile(
+        name=name or f"local-{device}",
+        description=_plain(desc),
+        gpu_name=_plain(gpu_name),
+        gpu_mem_bytes=gpu_mem,
+        gpu_mem_bw_bps=m.membw_bps,
+        gpu_flops=peaks,
+        matmul_efficiency=matmul_eff,
+        h2d_bps=h2d_bps, d2h_bps=d2h_bps, pcie_duplex=duplex,
+        pageable_factor=round(min(max(pageable, 0.01), 1.0), 4),
+        pcie_efficiency=pcie_eff,
+        cpu_name=_plain(cpu_name()),
+        cpu_cores=os.cpu_count() or 1,
+        cpu_mem_bytes=host_mem,
+        cpu_adam_params_per_s=m.adam_params_per_s,
+        cpu_sgd_params_per_s=m.sgd_params_per_s,
+        cpu_workers=1,                                  # one torch optimizer step uses all threads
+        ssd_count=1,
+        ssd_read_bps=ssd_read, ssd_write_bps=ssd_write,
+        ssd_capacity_bytes=ssd_capacity,
+        ssd_duplex=False,
+        ssd_efficiency=ssd_eff,
+        source="calibrated",
+    )

@@ -1,0 +1,241 @@
+"""Refine a hardware profile from a measured trace (`tiertune calibrate --from-trace`).
+
+Microbenchmarks alone under-predict (DESIGN.md); FlexGen fits its constants to real runs. Here
+each constant the cost model (tiertune/simulator/costs.py) reads is refit by least squares from
+the durations of the trace's tasks, grouped by resource and task kind:
+
+- gpu `forward` / `backward` / `recompute` with flops > 0: the cost model predicts
+  KERNEL_LATENCY_S + flops / (peak * matmul_eff(flops)); we fit one scale on the peak of the
+  trace's dtype (the efficiency table keeps its shape).
+- `h2d` / `d2h` (and `ssd_read` / `ssd_write`) events with bytes > 0: duration = latency +
+  bytes / bandwidth, with one bandwidth per direction and a latency shared by the link. The cost
+  model's latency is a fixed constant, so a fitted latency that differs is folded into a refit
+  efficiency table (at each measured size, the efficiency that makes the cost model reproduce the
+  fit; both directions share one table, so where their bandwidths differ it is a least-squares
+  compromise, and small transfers can be off by ~20% until the cost model takes a latency from the
+  profile). With a single transfer size latency and bandwidth cannot be told apart: the bandwidth
+  is fit with the cost model's latency and the table kept. Copies are taken as pinned.
+- cpu `update`: params/s. Convention: the executor records an `update` event's bytes as the fp32
+  bytes of the parameters it updated, so params = bytes / 4. The rate refit is AdamW's, or SGD's
+  when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too).
+
+Residuals are relative (each row divided by its duration), so small tasks count as much as big
+ones. A group with fewer than `min_events` events is skipped, and the table says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from tiertune.errors import InputError
+from tiertune.hardware import GB, Curve, HardwareProfile
+from tiertune.simulator.costs import COPY_LATENCY_S, KERNEL_LATENCY_S, SSD_LATENCY_S
+from tiertune.traces.trace import Trace
+
+MIN_EVENTS = 3
+COMPUTE_KINDS = ("forward", "backward", "recompute")
+FP32_BYTES = 4
+MAX_TABLE_POINTS = 24
+
+
+@dataclass(frozen=True)
+class FitRow:
+    constant: str
+    unit: str
+    before: float
+    after: float | None          # None: not fitted (see note)
+    events: int
+    note: str = ""
+
+
+@dataclass
+class FitResult:
+    profile: HardwareProfile
+    rows: list[FitRow]
+
+    @property
+    def fitted(self) -> int:
+        return sum(r.after is not None for r in self.rows)
+
+    def table(self) -> str:
+        """Before/after constants, one line each."""
+        lines = [f"{'constant':<28}{'before':>12}{'after':>12}  {'unit':<9}{'events':>7}  note"]
+        for r in self.rows:
+            after = f"{r.after:>12.4g}" if r.after is not None else f"{'-':>12}"
+            lines.append(f"{r.constant:<28}{r.before:>12.4g}{after}  {r.unit:<9}{r.events:>7}  {r.note}")
+        return "\n".join(lines)
+
+
+def relative_lstsq(X: np.ndarray, y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Coefficients c minimising sum(((X c - y) / d)^2): least squares on relative error."""
+    w = 1.0 / d
+    coef, *_ = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)
+    return coef
+
+
+def _events(trace: Trace) -> pd.DataFrame:
+    ev = trace.events.assign(duration_s=trace.events["end_s"] - trace.events["start_s"])
+    return ev[ev["duration_s"] > 0]
+
+
+def _meta_train(trace: Trace, key: str) -> str | None:
+    train = trace.meta.get("train")
+    return str(train[key]) if isinstance(train, dict) and train.get(key) else None
+
+
+# --- GPU compute ---------------------------------------------------------------------------------------
+def _fit_compute(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
+    sel = ev[(ev["resource"] == "gpu") & ev["kind"].isin(COMPUTE_KINDS) & (ev["flops"] > 0)]
+    counts = sel.groupby("kind").size().to_dict()
+    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+    peak = hw.peak_flops(dtype)
+    name = f"gpu {dtype} peak"
+    if len(sel) < min_events:
+        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel),
+                           f"skipped: {len(sel)} compute events (< {min_events}); kinds: {by_kind}")]
+    flops = sel["flops"].to_numpy(float)
+    x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops])      # seconds x peak, as the model sees them
+    d = sel["duration_s"].to_numpy(float)
+    inv_peak = relative_lstsq(x[:, None], d - KERNEL_LATENCY_S, d)[0]
+    if inv_peak <= 0:
+        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")]
+    new_peak = 1.0 / inv_peak
+    flops_table = dict(hw.gpu_flops, **{dtype: new_peak})
+    return ({"gpu_flops": flops_table},
+            [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g}; {by_kind}")])
+
+
+# --- transfers -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Link:
+    name: str                                   # pcie | ssd
+    directions: dict[str, str]                  # resource -> profile attribute of its bandwidth
+    latency_s: float                            # the cost model's fixed per-transfer latency
+    table: str                                  # profile attribute of the efficiency Curve
+    devices: int = 1                            # SSD: bandwidth is per device, efficiency by bytes per device
+
+
+def _links(hw: HardwareProfile) -> list[Link]:
+    return [Link("pcie", {"h2d": "h2d_bps", "d2h": "d2h_bps"}, COPY_LATENCY_S, "pcie_efficiency"),
+            Link("ssd", {"ssd_read": "ssd_read_bps", "ssd_write": "ssd_write_bps"}, SSD_LATENCY_S,
+                 "ssd_efficiency", max(hw.ssd_count, 1))]
+
+
+def _table_sizes(sizes: np.ndarray) -> np.ndarray:
+    uniq = np.unique(sizes)
+    if len(uniq) <= MAX_TABLE_POINTS:
+        return uniq
+    return np.unique(np.geomspace(uniq[0], uniq[-1], MAX_TABLE_POINTS))
+
+
+def _fit_link(ev: pd.DataFrame, hw: HardwareProfile, link: Link, min_events: int) -> tuple[dict, list[FitRow]]:
+    changes: dict = {}
+    rows: list[FitRow] = []
+    fitted: dict[str, pd.DataFrame] = {}
+    for res, attr in link.directions.items():
+        sel = ev[(ev["resource"] == res) & (ev["bytes"] > 0)]
+        if len(sel) >= min_events:
+            fitted[res] = sel
+        else:
+            rows.append(FitRow(f"{res} bandwidth", "GB/s", getattr(hw, attr) / GB, None, len(sel),
+                               f"skipped: {len(sel)} events (< {min_events})"))
+    if not fitted:
+        return changes, rows
+    curve: Curve = getattr(hw, link.table)
+    allev = pd.concat(fitted.values())
+    nbytes = allev["bytes"].to_numpy(float)
+    d = allev["duration_s"].to_numpy(float)
+    dirs = list(fitted)
+    onehot = np.stack([(allev["resource"] == r).to_numpy(float) for r in dirs], axis=1)
+    spread = nbytes.max() / nbytes.min()
+    latency = None
+    if spread >= 2.0:                           # sizes vary: latency and bandwidth separable
+        coef = relative_lstsq(np.column_stack([np.ones_like(d), onehot * nbytes[:, None]]), d, d)
+        if coef[0] < 0:                          # noise pushed the intercept below zero: pin it there
+            coef = np.concatenate([[0.0], relative_lstsq(onehot * nbytes[:, None], d, d)])
+        latency, inv_bw = float(coef[0]), coef[1:]
+    else:                                        # one size: bandwidth only, with the model's latency and table
+        per_dev = nbytes / link.devices
+        x = onehot * (nbytes / np.array([curve.at(s) for s in per_dev]))[:, None]
+        inv_bw = relative_lstsq(x, d - link.latency_s, d)
+    note = "" if latency is not None else "one transfer size: latency not separable, table kept"
+    bws: dict[str, float] = {}
+    for res, ib in zip(dirs, inv_bw):
+        attr = link.directions[res]
+        before = getattr(hw, attr)
+        if ib <= 0:
+            rows.append(FitRow(f"{res} bandwidth", "GB/s", before / GB, None, len(fitted[res]),
+                               "skipped: durations do not grow with bytes"))
+            continue
+        bws[res] = 1.0 / ib / link.devices         # per device, as the profile stores it
+        changes[attr] = bws[res]
+        rows.append(FitRow(f"{res} bandwidth", "GB/s", before / GB, bws[res] / GB, len(fitted[res]), note))
+    if latency is not None and bws:
+        changes[link.table] = _latency_table(latency, link, bws, _table_sizes(nbytes))
+        rows.append(FitRow(f"{link.name} latency", "us", link.latency_s * 1e6, latency * 1e6, len(allev),
+                           f"folded into {link.table} ({len(changes[link.table].points)} steps)"))
+    return changes, rows
+
+
+def _latency_table(latency: float, link: Link, bws: dict[str, float], sizes: np.ndarray) -> Curve:
+    """Efficiency at each size so that model latency + s / (bw * eff) = fitted latency + s / bw.
+
+    Exact for one direction; one table serves both, so with two directions of different bandwidth
+    1/eff is the least-squares compromise on relative error (solved in closed form: the model
+    time is linear in 1/eff). Capped to the range Curve accepts."""
+    points = []
+    for k, s in enumerate(sizes):
+        num = den = 0.0
+        for bw in bws.values():
+            t_bw = s / (bw * link.devices)          # bytes over the link's total bandwidth
+            target = latency + t_bw
+            num += (t_bw / target) * (1.0 - link.latency_s / target)
+            den += (t_bw / target) ** 2
+        eff = float(np.clip(den / num, 0.01, 1.5)) if num > 0 else 1.5
+        points.append((0.0 if k == 0 else float(s) / link.devices, round(eff, 4)))
+    return Curve(tuple(points))
+
+
+# --- CPU optimizer ---------------------------------------------------------------------------------------
+def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int) -> tuple[dict, list[FitRow]]:
+    attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
+    name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
+    before = getattr(hw, attr)
+    sel = ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["bytes"] > 0)]
+    if len(sel) < min_events:
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")]
+    params = sel["bytes"].to_numpy(float) / FP32_BYTES
+    d = sel["duration_s"].to_numpy(float)
+    inv_rate = relative_lstsq(params[:, None], d, d)[0]     # the cost model has no update latency
+    if inv_rate <= 0:
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")]
+    return {attr: 1.0 / inv_rate}, [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
+                                           "params = bytes / 4")]
+
+
+# --- driver -------------------------------------------------------------------------------------------------
+def fit_profile(trace: Trace, base: HardwareProfile, dtype: str | None = None, optimizer: str | None = None,
+                min_events: int = MIN_EVENTS, name: str | None = None, where: str = "trace") -> FitResult:
+    """Refit `base` from `trace`; raises InputError when no constant could be fitted."""
+    if min_events < 2:
+        raise InputError(f"--min-events must be at least 2, got {min_events}")
+    dtype = dtype or _meta_train(trace, "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
+    optimizer = optimizer or _meta_train(trace, "optimizer") or "adamw"
+    ev = _events(trace)
+    changes: dict = {}
+    rows: list[FitRow] = []
+    for part, r in (_fit_compute(ev, base, dtype, min_events), *(_fit_link(ev, base, link, min_events) for link in _links(base)),
+                    _fit_update(ev, base, optimizer, min_events)):
+        changes.update(part)
+        rows += r
+    fitted = sum(r.after is not None for r in rows)
+    if fitted == 0:
+        raise InputError(f"{where}: no constant could be fitted ({len(ev)} events with a duration; "
+                         f"need >= {min_events} per group of compute, copy, SSD or cpu update events)")
+    desc = f"{base.name} refit by least squares from {where} ({len(ev)} events, {fitted} constants)"
+    profile = base.replace(**changes, name=name or f"{base.name}-fit", source="calibrated",
+                           description=desc.replace('"', "").replace("'", "").replace("\\", "/"))
+    return FitResult(profile, rows)
