@@ -1,0 +1,67 @@
+"""`tiertune simulate`: run a plan (from a file or a named policy) through the discrete-event simulator."""
+
+from __future__ import annotations
+
+import argparse
+
+from tiertune.commands.common import add_workload_args, load_workload, print_json, train_from_plan
+from tiertune.errors import InputError
+from tiertune.hardware import GiB
+
+RESOURCE_ORDER = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate a plan: iteration time, peak memory per tier, bottleneck")
+    add_workload_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan", help="plan JSON (tiertune.plan/1)")
+    src.add_argument("--policy", help="a named policy (ideal, gpu-only, ...; see `tiertune plan --help`)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations to simulate (default: the plan's)")
+    p.add_argument("--trace", default=None, metavar="OUT", help="write the simulated trace (.json/.parquet/.csv)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tiertune.schedule import Plan
+    from tiertune.simulator import simulate
+
+    if args.iterations is not None and args.iterations < 1:
+        raise InputError(f"--iterations must be positive, got {args.iterations}")
+    model, train, hw = load_workload(args)
+    if args.plan:
+        plan = Plan.load(args.plan)
+        if plan.n_layers != model.n_layers + 2:   # names may differ (a config path), layer counts may not
+            raise InputError(f"plan {args.plan} has {plan.n_layers} layers (made for {plan.model!r}) but "
+                             f"{model.name!r} has {model.n_layers + 2} (embed + blocks + head)")
+        train = train_from_plan(plan, args)
+        if train != plan.train:
+            plan = plan.replace(train=train)
+    else:
+        from tiertune.planner.policies import make_policy
+
+        plan = make_policy(args.policy, model, train, hw)
+    result = simulate(model, plan.train, hw, plan, iterations=args.iterations)
+    if args.trace:
+        if not result.fits:
+            raise InputError(f"no trace written: the plan does not fit ({result.error})")
+        result.trace.save(args.trace)
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    print(f"{model.name} on {hw.name}, plan {plan.provenance.get('policy', args.plan or args.policy)}: "
+          f"batch {plan.train.batch} x seq {plan.train.seq_len}, {plan.train.optimizer}, {plan.train.dtype}")
+    if not result.fits:
+        print(f"  {result.error}")
+        return 0
+    print(f"  iteration  {result.iteration_s:.4g} s   {result.tokens_per_s:,.0f} tokens/s   "
+          f"{result.tflops:.1f} TFLOP/s")
+    print("  peak       " + "   ".join(f"{t} {b / GiB:.2f} GiB" for t, b in result.peak_bytes.items()))
+    print("  busy/iter  " + "   ".join(f"{r} {result.busy_s[r]:.3g}s" for r in RESOURCE_ORDER))
+    print(f"  bottleneck {result.bottleneck}   ({result.events} tasks simulated in {result.sim_wall_s * 1e3:.1f} ms)")
+    for note in plan.notes():
+        print(f"  note: {note}")
+    if args.trace:
+        print(f"  trace written to {args.trace}")
+    return 0
