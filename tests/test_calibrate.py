@@ -122,6 +122,30 @@ def test_fit_recovers_known_constants():
             assert model == pytest.approx(TRUE["ssd_lat"] + n / true_bps, rel={MiB: 0.25, 16 * MiB: 0.1}.get(n, 0.03))
 
 
+def test_fit_uses_the_runs_cost_model_when_the_trace_names_it():
+    """Durations from the cost model itself (matmuls at the true peak plus latency and elementwise
+    work): the model-aware fit recovers the peak exactly where the FLOPs-only fit cannot."""
+    from tiertune.simulator.costs import CostModel
+    from tiertune.workload import TrainSpec, load_model
+
+    base = load_hardware(BASE)
+    model, train = load_model("llama2-7b"), TrainSpec(batch=2, seq_len=1024, dtype="bf16")
+    truth = CostModel(model, train, base.replace(gpu_flops=dict(base.gpu_flops, bf16=TRUE["peak"])))
+    events, t = [], 0.0
+    for layer in range(1, len(truth.layers) - 1):
+        for kind, secs in (("forward", truth.forward_s(layer)), ("backward", truth.backward_s(layer))):
+            events.append({"source": "measured", "iteration": 0, "task": f"{kind}{layer}", "kind": kind, "layer": layer,
+                           "resource": "gpu", "start_s": t, "end_s": t + secs, "bytes": 0,
+                           "flops": truth.layers[layer].fwd_flops * (2 if kind == "backward" else 1)})
+            t += secs
+    meta = {"model_spec": model.to_dict(), "train": train.to_dict()}
+    fit = fit_profile(Trace.from_records(events, meta=meta), base)
+    assert fit.profile.gpu_flops["bf16"] == pytest.approx(TRUE["peak"], rel=1e-6)
+    assert "via the cost model" in fit.rows[0].note
+    flops_only = fit_profile(Trace.from_records(events, meta={}), base)
+    assert "from FLOPs" in flops_only.rows[0].note
+
+
 def test_fit_skips_groups_with_too_few_events():
     base = load_hardware(BASE)
     res = fit_profile(synthetic_trace(update_events=2), base)

@@ -4,9 +4,11 @@ Microbenchmarks alone under-predict (DESIGN.md); FlexGen fits its constants to r
 each constant the cost model (tiertune/simulator/costs.py) reads is refit by least squares from
 the durations of the trace's tasks, grouped by resource and task kind:
 
-- gpu `forward` / `backward` / `recompute` with flops > 0: the cost model predicts
-  KERNEL_LATENCY_S + flops / (peak * matmul_eff(flops)); we fit one scale on the peak of the
-  trace's dtype (the efficiency table keeps its shape).
+- gpu `forward` / `backward` / `recompute` with flops > 0: one scale on the peak FLOP/s of the
+  trace's dtype (the efficiency table keeps its shape). When the trace's meta carries the model
+  and training settings, the run's own cost model splits each prediction into the part the peak
+  scales (matmuls) and the part it does not (kernel latency, elementwise work); otherwise the
+  event is taken as KERNEL_LATENCY_S + flops / (peak * matmul_eff(flops)).
 - `h2d` / `d2h` (and `ssd_read` / `ssd_write`) events with bytes > 0: duration = latency +
   bytes / bandwidth, with one bandwidth per direction and a latency shared by the link. The cost
   model's latency is a fixed constant, so a fitted latency that differs is folded into a refit
@@ -87,25 +89,56 @@ def _meta_train(trace: Trace, key: str) -> str | None:
 
 
 # --- GPU compute ---------------------------------------------------------------------------------------
-def _fit_compute(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
+def _compute_model(trace: Trace, hw: HardwareProfile, dtype: str):
+    """The cost model of the trace's own run, when its meta names the model and training settings
+    (the simulator and executor write `model_spec` and `train`); None otherwise."""
+    from tiertune.simulator.costs import CostModel
+    from tiertune.workload import ModelSpec, TrainSpec
+
+    spec, train = trace.meta.get("model_spec"), trace.meta.get("train")
+    if not isinstance(spec, dict) or not isinstance(train, dict):
+        return None
+    try:
+        return CostModel(ModelSpec(**spec), TrainSpec.from_dict(train).replace(dtype=dtype), hw)
+    except (InputError, TypeError, ValueError, KeyError):
+        return None
+
+
+def _fit_compute(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, min_events: int,
+                 cm=None) -> tuple[dict, list[FitRow]]:
+    """One scale on the dtype's peak. With the run's cost model, each event's prediction is split
+    into its matmul part (which the peak scales) and its fixed part (kernel latency, elementwise
+    work at memory bandwidth), so refitting a trace the simulator made returns the same profile;
+    without it, the event's FLOPs at the table's efficiency are taken as all matmul."""
     sel = ev[(ev["resource"] == "gpu") & ev["kind"].isin(COMPUTE_KINDS) & (ev["flops"] > 0)]
-    counts = sel.groupby("kind").size().to_dict()
-    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
     peak = hw.peak_flops(dtype)
     name = f"gpu {dtype} peak"
+    d = sel["duration_s"].to_numpy(float)
+    mult = np.where(sel["kind"].to_numpy() == "backward", 2.0, 1.0)      # backward = 2x forward
+    how = "from FLOPs"
+    if cm is not None and sel["layer"].between(0, len(cm.layers) - 1).all():
+        fixed = np.array([cm.layers[i].act_bytes / hw.gpu_mem_bw_bps for i in sel["layer"]])
+        matmul = np.array([cm.forward_s(i) - KERNEL_LATENCY_S for i in sel["layer"]]) - fixed
+        keep = matmul > 0
+        sel, d, mult, fixed, matmul = sel[keep], d[keep], mult[keep], fixed[keep], matmul[keep]
+        x, y = mult * matmul, d - KERNEL_LATENCY_S - mult * fixed      # x: matmul seconds at the base peak
+        how = f"via the cost model of {cm.model.name}"
+    else:
+        flops = sel["flops"].to_numpy(float)
+        x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops]) / peak
+        y = d - KERNEL_LATENCY_S
+    counts = sel.groupby("kind").size().to_dict()
+    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
     if len(sel) < min_events:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel),
                            f"skipped: {len(sel)} compute events (< {min_events}); kinds: {by_kind}")]
-    flops = sel["flops"].to_numpy(float)
-    x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops])      # seconds x peak, as the model sees them
-    d = sel["duration_s"].to_numpy(float)
-    inv_peak = relative_lstsq(x[:, None], d - KERNEL_LATENCY_S, d)[0]
-    if inv_peak <= 0:
+    slowdown = relative_lstsq(x[:, None], y, d)[0]
+    if slowdown <= 0:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")]
-    new_peak = 1.0 / inv_peak
-    flops_table = dict(hw.gpu_flops, **{dtype: new_peak})
-    return ({"gpu_flops": flops_table},
-            [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g}; {by_kind}")])
+    new_peak = peak / slowdown
+    return ({"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})},
+            [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel),
+                    f"scale x{new_peak / peak:.3g} {how}; {by_kind}")])
 
 
 # --- transfers -------------------------------------------------------------------------------------------
@@ -227,7 +260,7 @@ def fit_profile(trace: Trace, base: HardwareProfile, dtype: str | None = None, o
     ev = _events(trace)
     changes: dict = {}
     rows: list[FitRow] = []
-    for part, r in (_fit_compute(ev, base, dtype, min_events), *(_fit_link(ev, base, link, min_events) for link in _links(base)),
+    for part, r in (_fit_compute(ev, base, dtype, min_events, _compute_model(trace, base, dtype)), *(_fit_link(ev, base, link, min_events) for link in _links(base)),
                     _fit_update(ev, base, optimizer, min_events)):
         changes.update(part)
         rows += r
