@@ -362,3 +362,16 @@ def test_plots_of_a_real_simulated_trace(tmp_path):
     if len(trace.memory):
         assert len(plots.memory(trace).axes) == trace.memory["tier"].nunique()
     assert len(plots.save(fig, tmp_path / "tl")) == 2
+
+
+def test_timeline_short_events_stay_visible():
+    # A 1 us kernel in a 10 s iteration would be far below a pixel: it is widened, not lost.
+    ev = [dict(source="simulated", iteration=0, task="k", kind="forward", layer=0, resource="gpu",
+               start_s=1.0, end_s=1.000001, bytes=0, flops=1.0),
+          dict(source="simulated", iteration=0, task="r", kind="ssd_read", layer=0, resource="ssd_read",
+               start_s=0.0, end_s=10.0, bytes=1, flops=0.0)]
+    ax = plots.timeline(Trace.from_records(ev)).axes[0]
+    assert "s)" in ax.get_xlabel() and "ms" not in ax.get_xlabel()
+    bar = collections_by_gid(ax)["gpu/forward"].get_paths()[0].vertices[:, 0]
+    assert np.ptp(bar) >= 10.0 * plots._MIN_BAR_FRACTION * 0.999
+    assert bar.min() == pytest.approx(1.0)

@@ -236,6 +236,10 @@ def _union_length(start: np.ndarray, end: np.ndarray) -> float:
     return float(total + cur_e - cur_s)
 
 
+_MIN_BAR_FRACTION = 0.0008    # of the shown span: about 1.5 px on a 2200 px wide PNG
+_EDGE_MIN_FRACTION = 0.005    # narrower bars get no white edge, which would paint them white
+
+
 def _draw_gantt(ax, ev: pd.DataFrame, lanes: list[str], scale: float) -> float:
     """One PolyCollection per (resource, kind) (what `broken_barh` makes, but with a sub-row per
     event), so thousands of events cost a handful of artists. Returns the span in seconds."""
@@ -251,17 +255,21 @@ def _draw_gantt(ax, ev: pd.DataFrame, lanes: list[str], scale: float) -> float:
         h = 0.8 / n_slots
         y0 = lane - 0.4 + slot * h
         kinds = sub["kind"].to_numpy()
+        # Events shorter than ~1 pixel would vanish (a 30 ms kernel in a 45 s SSD-bound
+        # iteration), leaving a lane that looks idle: draw them at least `min_w` wide.
+        min_w = _MIN_BAR_FRACTION * span
         for kind in style.ordered(set(kinds), style.KIND_ORDER):
             m = kinds == kind
-            x0, x1, y = start[m] * scale, end[m] * scale, y0[m]
+            x0, y = start[m] * scale, y0[m]
+            x1 = np.maximum(end[m], start[m] + min_w) * scale
             # Rectangles as (n, 4, 2) vertices, built in numpy rather than one patch per event.
             verts = np.stack([np.column_stack([x0, y]), np.column_stack([x0, y + h]),
                               np.column_stack([x1, y + h]), np.column_stack([x1, y])], axis=1)
             # A hairline white edge separates back-to-back events of one kind; with many events
             # per lane the bars are too thin for edges, which would paint them white.
-            edges = len(x0) <= 200
+            edges = len(x0) <= 200 and float((end[m] - start[m]).min()) >= _EDGE_MIN_FRACTION * span
             pc = PolyCollection(verts, facecolors=style.kind_color(kind), edgecolors="white" if edges else "none",
-                                linewidths=0.5 if edges else 0, antialiased=edges)
+                                linewidths=0.4 if edges else 0, antialiased=edges)
             pc.set_gid(f"{res}/{kind}")
             ax.add_collection(pc, autolim=False)
     ax.set_xlim(0, span * scale * 1.01 if span > 0 else 1)
@@ -284,7 +292,8 @@ def _lane_labels(ev: pd.DataFrame, lanes: list[str], span: float) -> list[str]:
 
 def timeline(trace: Trace, iteration: int | None = None, measured: Trace | None = None) -> Figure:
     """Gantt chart of one steady-state iteration: one lane per resource with events, bars
-    coloured by task kind, time from the iteration's first event. With `measured`, the predicted
+    coloured by task kind, time from the iteration's first event (very short events are drawn
+    about a pixel wide so they stay visible). With `measured`, the predicted
     and the measured iteration side by side on the same lanes and the same time scale."""
     panels = [("Predicted" if measured is not None else trace.source.capitalize(), trace)]
     if measured is not None:
