@@ -166,15 +166,15 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         p = len(uses) - 1 - depth
         return uses[p] if p >= 0 else None
 
-    def load_weights(i: int, it: int, mb: int, first_use: bool) -> int | None:
+    def load_weights(i: int, it: int, mb: int, first_use: bool, phase: str) -> int | None:
         """Stream layer i's weights to the GPU; returns the h2d task (None when GPU-resident)."""
         home = lp_[i].params
         if home == "gpu":
             return None
         head = None
         if home == "ssd":
-            head = g.add("ssd_read", "w", i, it, mb, SSD_READ, cm.ssd_read_s(wb[i]), wb[i], cpu=wb[i])
-        h = g.add("load", "w", i, it, mb, H2D, cm.h2d_s(wb[i]), wb[i], gpu=wb[i])
+            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, cm.ssd_read_s(wb[i]), wb[i], cpu=wb[i])
+        h = g.add("load", "w." + phase, i, it, mb, H2D, cm.h2d_s(wb[i]), wb[i], gpu=wb[i])
         if head is not None:
             g.edge(head, h)
             g.release(h, 1, wb[i])
@@ -267,7 +267,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             homes: list[tuple[int | None, int | None]] = [(None, None)] * n   # (offload d2h, ssd write)
             for i in range(n):
                 lp, c = lp_[i], costs[i]
-                h = load_weights(i, it, mb, first_use=(mb == 0))
+                h = load_weights(i, it, mb, first_use=(mb == 0), phase="fwd")
                 f = g.add("forward", "", i, it, mb, GPU, cm.forward_s(i), flops=c.fwd_flops, gpu=act[i])
                 g.edge(h, f)
                 g.edge(prev_end, f)
@@ -293,21 +293,22 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             for p in range(passes):
                 last = p == passes - 1
                 tag = "" if last else "norm"
+                sfx = "" if last else ".norm"
                 for i in reversed(range(n)):
                     lp, c = lp_[i], costs[i]
-                    h = load_weights(i, it, mb, first_use=False)
+                    h = load_weights(i, it, mb, first_use=False, phase="bwd" if last else "norm")
                     prep = None
                     if lp.activations in ("cpu", "ssd"):
                         o, w = homes[i]
                         src = o
                         if lp.activations == "ssd":
-                            sr = g.add("ssd_read", "act", i, it, mb, SSD_READ, cm.ssd_read_s(act[i]), act[i], cpu=act[i])
+                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, cm.ssd_read_s(act[i]), act[i], cpu=act[i])
                             g.edge(w, sr)
                             g.edge(window(), sr)
                             if last:
                                 g.release(sr, 2, act[i])
                             src = sr
-                        prep = g.add("fetch", "act", i, it, mb, H2D, cm.h2d_s(act[i]), act[i], gpu=act[i])
+                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, cm.h2d_s(act[i]), act[i], gpu=act[i])
                         g.edge(src, prep)
                         if lp.activations == "cpu":
                             g.edge(window(), prep)
