@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from tiertune.commands.common import add_workload_args, load_workload, print_json, train_from_plan
 from tiertune.errors import InputError
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         train = train_from_plan(plan, args)
         if train != plan.train:
             plan = plan.replace(train=train)
+        if args.gpu_mem is not None and plan.globals.gpu_mem_bytes is not None:
+            # An explicit --gpu-mem is the budget to check against, not the one the plan was made for.
+            plan = plan.replace(globals=dataclasses.replace(plan.globals, gpu_mem_bytes=None))
     else:
         from tiertune.planner.policies import make_policy
 

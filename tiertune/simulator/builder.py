@@ -60,22 +60,19 @@ class TaskGraph:
     pool: list[int] = field(default_factory=lambda: list(range(len(RESOURCES))))  # resource -> slot pool
     pool_slots: list[int] = field(default_factory=lambda: [1] * len(RESOURCES))
     iterations: int = 1
+    _rows: list[tuple] = field(default_factory=list, repr=False)
+    _frees: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.duration)
 
-    # --- construction ------------------------------------------------------------------------
+    # --- construction (rows first, columns once at the end: appending one tuple per task is
+    # several times cheaper than appending to a dozen lists) ----------------------------------
     def add(self, kind: str, tag: str, layer: int, it: int, mb: int, res: int, dur: float, nbytes: int = 0,
             flops: float = 0.0, gpu: int = 0, cpu: int = 0, ssd: int = 0) -> int:
-        t = len(self.duration)
-        self.kind.append(kind); self.tag.append(tag); self.layer.append(layer)
-        self.iteration.append(it); self.micro.append(mb); self.resource.append(res)
-        self.duration.append(float(dur)); self.nbytes.append(int(nbytes)); self.flops.append(float(flops))
-        for lst, b in zip(self.alloc, (gpu, cpu, ssd)):
-            lst.append(int(b))
-        for lst in self.free:
-            lst.append(0)
-        self.succ.append([]); self.npred.append(0)
+        t = len(self.succ)
+        self._rows.append((kind, tag, layer, it, mb, res, dur, nbytes, flops, gpu, cpu, ssd))
+        self.succ.append([])
         return t
 
     def edge(self, u: int | None, v: int) -> None:
@@ -83,11 +80,28 @@ class TaskGraph:
             return
         assert u < v, "task ids must stay topologically ordered"
         self.succ[u].append(v)
-        self.npred[v] += 1
 
     def release(self, t: int, tier: int, nbytes: int) -> None:
         """Task t frees nbytes on tier when it ends."""
-        self.free[tier][t] += int(nbytes)
+        self._frees.append((t, tier, nbytes))
+
+    def finish(self) -> "TaskGraph":
+        """Turn the rows into the column lists the engine reads."""
+        n = len(self._rows)
+        if n:
+            cols = [list(c) for c in zip(*self._rows)]
+            (self.kind, self.tag, self.layer, self.iteration, self.micro, self.resource, self.duration,
+             self.nbytes, self.flops) = cols[:9]
+            self.alloc = (cols[9], cols[10], cols[11])
+        self.free = ([0] * n, [0] * n, [0] * n)
+        for t, tier, b in self._frees:
+            self.free[tier][t] += b
+        self.npred = [0] * n
+        for vs in self.succ:
+            for v in vs:
+                self.npred[v] += 1
+        self._rows, self._frees = [], []
+        return self
 
     # --- reading -------------------------------------------------------------------------------
     def name(self, t: int) -> str:
@@ -115,6 +129,16 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
           cm: CostModel | None = None) -> TaskGraph:
     """The task graph of `iterations` training steps of `plan` (see the module docstring)."""
     cm = cm or CostModel(model, train, hw)
+    # Durations are pure functions of (method, size); the planner rebuilds graphs for one CostModel
+    # many times, so they are memoised on it (a Curve lookup per copy was a third of build time).
+    memo: dict = cm.__dict__.setdefault("_duration_memo", {})
+
+    def cost(fn, *args) -> float:
+        key = (fn.__name__, args)
+        v = memo.get(key)
+        if v is None:
+            v = memo[key] = float(fn(*args))
+        return v
     costs = cm.layers
     n = len(costs)
     if plan.n_layers != n:
@@ -173,8 +197,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             return None
         head = None
         if home == "ssd":
-            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, cm.ssd_read_s(wb[i]), wb[i], cpu=wb[i])
-        h = g.add("load", "w." + phase, i, it, mb, H2D, cm.h2d_s(wb[i]), wb[i], gpu=wb[i])
+            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, cost(cm.ssd_read_s, wb[i]), wb[i], cpu=wb[i])
+        h = g.add("load", "w." + phase, i, it, mb, H2D, cost(cm.h2d_s, wb[i]), wb[i], gpu=wb[i])
         if head is not None:
             g.edge(head, h)
             g.release(h, 1, wb[i])
@@ -189,7 +213,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         lp, c = lp_[i], costs[i]
         if lp.optimizer == "gpu":
             out = wb[i] if lp.params != "gpu" else 0      # new compute-dtype weights to send home
-            u = g.add("update", "", i, it, 0, GPU, cm.gpu_update_s(i), gpu=out)
+            u = g.add("update", "", i, it, 0, GPU, cost(cm.gpu_update_s, i), gpu=out)
             for x in grad_ready:
                 g.edge(x, u)
             g.edge(gate, u)
@@ -197,13 +221,13 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.release(u, 0, c.grad_bytes)
             done = u
             if lp.params != "gpu":
-                wbk = g.add("writeback", "w", i, it, 0, D2H, cm.d2h_s(wb[i]), wb[i],
+                wbk = g.add("writeback", "w", i, it, 0, D2H, cost(cm.d2h_s, wb[i]), wb[i],
                             cpu=wb[i] if lp.params == "ssd" else 0)
                 g.edge(u, wbk)
                 g.release(wbk, 0, wb[i])
                 done = wbk
                 if lp.params == "ssd":
-                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cm.ssd_write_s(wb[i]), wb[i])
+                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, wb[i]), wb[i])
                     g.edge(wbk, sw)
                     g.release(sw, 1, wb[i])
                     done = sw
@@ -212,7 +236,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         # CPU optimizer (state in host memory, or on SSD and streamed through host memory).
         sr = None
         if lp.optimizer == "ssd":
-            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, cm.ssd_read_s(opt_bytes[i]), opt_bytes[i],
+            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, cost(cm.ssd_read_s, opt_bytes[i]), opt_bytes[i],
                        cpu=opt_bytes[i])
             g.edge(opt_written[i], sr)
             g.edge(read_after, sr)
@@ -220,9 +244,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.edge(upd_seq[-1 - depth], sr)
         rank = lp.grad_rank
         out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
-        dur = cm.cpu_update_s(sent_params[i])
+        dur = cost(cm.cpu_update_s, sent_params[i])
         if rank and lp.params != "gpu":
-            dur += cm.cpu_apply_s(c.params)           # the dense weights absorb P U Q^T on the host
+            dur += cost(cm.cpu_apply_s, c.params)           # the dense weights absorb P U Q^T on the host
         u = g.add("update", "", i, it, 0, CPU, dur, cpu=out)
         upd_seq.append(u)
         g.edge(sr, u)
@@ -231,26 +255,26 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         g.edge(gate, u)
         g.release(u, 1, sent_bytes[i])                # the host gradient buffer
         if sr is not None:
-            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, cm.ssd_write_s(opt_bytes[i]), opt_bytes[i])
+            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, opt_bytes[i]), opt_bytes[i])
             g.edge(u, sw)
             g.release(sw, 1, opt_bytes[i])
             opt_written[i] = sw
         done = u
         if lp.params == "gpu" and rank:
-            wbk = g.add("writeback", "w", i, it, 0, H2D, cm.h2d_s(sent_bytes[i]), sent_bytes[i], gpu=sent_bytes[i])
+            wbk = g.add("writeback", "w", i, it, 0, H2D, cost(cm.h2d_s, sent_bytes[i]), sent_bytes[i], gpu=sent_bytes[i])
             g.edge(u, wbk)
             g.release(wbk, 1, sent_bytes[i])
-            d = g.add("decompress", "", i, it, 0, GPU, cm.decompress_s(i, rank, nnz))
+            d = g.add("decompress", "", i, it, 0, GPU, cost(cm.decompress_s, i, rank, nnz))
             g.edge(wbk, d)
             g.release(d, 0, sent_bytes[i])
             done = d
         elif lp.params == "gpu":
-            wbk = g.add("writeback", "w", i, it, 0, H2D, cm.h2d_s(wb[i]), wb[i])
+            wbk = g.add("writeback", "w", i, it, 0, H2D, cost(cm.h2d_s, wb[i]), wb[i])
             g.edge(u, wbk)
             g.release(wbk, 1, wb[i])
             done = wbk
         elif lp.params == "ssd":
-            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cm.ssd_write_s(wb[i]), wb[i])
+            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, wb[i]), wb[i])
             g.edge(u, sw)
             g.release(sw, 1, wb[i])
             done = sw
@@ -268,7 +292,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             for i in range(n):
                 lp, c = lp_[i], costs[i]
                 h = load_weights(i, it, mb, first_use=(mb == 0), phase="fwd")
-                f = g.add("forward", "", i, it, mb, GPU, cm.forward_s(i), flops=c.fwd_flops, gpu=act[i])
+                f = g.add("forward", "", i, it, mb, GPU, cost(cm.forward_s, i), flops=c.fwd_flops, gpu=act[i])
                 g.edge(h, f)
                 g.edge(prev_end, f)
                 if h is None and mb == 0:
@@ -278,12 +302,12 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 if lp.activations == "recompute":
                     g.release(f, 0, act[i] - ckpt[i])
                 elif lp.activations in ("cpu", "ssd"):
-                    o = g.add("offload", "act", i, it, mb, D2H, cm.d2h_s(act[i]), act[i], cpu=act[i])
+                    o = g.add("offload", "act", i, it, mb, D2H, cost(cm.d2h_s, act[i]), act[i], cpu=act[i])
                     g.edge(f, o)
                     g.release(o, 0, act[i])
                     w = None
                     if lp.activations == "ssd":
-                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, cm.ssd_write_s(act[i]), act[i], ssd=act[i])
+                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, cost(cm.ssd_write_s, act[i]), act[i], ssd=act[i])
                         g.edge(o, w)
                         g.release(w, 1, act[i])
                     homes[i] = (o, w)
@@ -302,25 +326,25 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         o, w = homes[i]
                         src = o
                         if lp.activations == "ssd":
-                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, cm.ssd_read_s(act[i]), act[i], cpu=act[i])
+                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, cost(cm.ssd_read_s, act[i]), act[i], cpu=act[i])
                             g.edge(w, sr)
                             g.edge(window(), sr)
                             if last:
                                 g.release(sr, 2, act[i])
                             src = sr
-                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, cm.h2d_s(act[i]), act[i], gpu=act[i])
+                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, cost(cm.h2d_s, act[i]), act[i], gpu=act[i])
                         g.edge(src, prep)
                         if lp.activations == "cpu":
                             g.edge(window(), prep)
                         if last or lp.activations == "ssd":
                             g.release(prep, 1, act[i])
                     elif lp.activations == "recompute":
-                        prep = g.add("recompute", tag, i, it, mb, GPU, cm.recompute_s(i), flops=c.fwd_flops,
+                        prep = g.add("recompute", tag, i, it, mb, GPU, cost(cm.recompute_s, i), flops=c.fwd_flops,
                                      gpu=act[i] - ckpt[i])
                         g.edge(h, prep)
                         g.edge(prev_end, prep)
                     dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
-                    b = g.add("backward", tag, i, it, mb, GPU, cm.backward_s(i), flops=c.bwd_flops,
+                    b = g.add("backward", tag, i, it, mb, GPU, cost(cm.backward_s, i), flops=c.bwd_flops,
                               gpu=workspace + dyn_grad)
                     g.edge(h, b)
                     g.edge(prep, b)
@@ -346,11 +370,11 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         src = b
                         if lp.grad_rank:
                             cx = g.add("compress", "grad", i, it, mb, GPU,
-                                       cm.compress_s(i, lp.grad_rank, nnz), gpu=sent_bytes[i])
+                                       cost(cm.compress_s, i, lp.grad_rank, nnz), gpu=sent_bytes[i])
                             g.edge(b, cx)
                             g.release(cx, 0, c.grad_bytes)
                             src = cx
-                        gd = g.add("grad", "grad", i, it, mb, D2H, cm.d2h_s(sent_bytes[i]), sent_bytes[i],
+                        gd = g.add("grad", "grad", i, it, mb, D2H, cost(cm.d2h_s, sent_bytes[i]), sent_bytes[i],
                                    cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
                         g.edge(src, gd)
                         g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
@@ -370,4 +394,4 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         for j, i in enumerate(order):
             read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
             upd_tasks.append(update(i, it, grads[i], gate, read_after))
-    return g
+    return g.finish()

@@ -115,25 +115,29 @@ def run(g: TaskGraph) -> EngineRun:
                     heappush(cand, (q[0], p))
         if not events:
             break
-        # --- the next task to end ---
+        # --- every task ending at the next event time, then one dispatch round ---
         now, t = heappop(events)
-        end[t] = now
-        done += 1
-        slots[pool[t]] += 1
-        f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
-        if f1:
-            used_g -= f1
-            t_app(now); k_app(0); b_app(used_g)
-        if f2:
-            used_c -= f2
-            t_app(now); k_app(1); b_app(used_c)
-        if f3:
-            used_s -= f3
-            t_app(now); k_app(2); b_app(used_s)
-        for s in succ[t]:
-            npred[s] -= 1
-            if not npred[s]:
-                heappush(ready[pool[s]], s)
+        while True:
+            end[t] = now
+            done += 1
+            slots[pool[t]] += 1
+            f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
+            if f1:
+                used_g -= f1
+                t_app(now); k_app(0); b_app(used_g)
+            if f2:
+                used_c -= f2
+                t_app(now); k_app(1); b_app(used_c)
+            if f3:
+                used_s -= f3
+                t_app(now); k_app(2); b_app(used_s)
+            for s in succ[t]:
+                npred[s] -= 1
+                if not npred[s]:
+                    heappush(ready[pool[s]], s)
+            if not events or events[0][0] != now:
+                break
+            t = heappop(events)[1]
 
     if done < n:
         raise _stall(g, ready, npred, (used_g, used_c, used_s))

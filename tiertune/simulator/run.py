@@ -19,18 +19,23 @@ from tiertune.simulator.costs import CostModel
 from tiertune.workload import ModelSpec, TrainSpec, model_flops_per_step
 
 GiB = float(1 << 30)
-_COST_CACHE: dict[tuple, CostModel] = {}
+_COST_CACHE: dict[tuple, tuple[CostModel, float]] = {}
+
+
+def _cached(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> tuple[CostModel, float]:
+    """One CostModel (and model FLOPs per step) per (model, train, hardware): the planner simulates
+    many plans of one workload, and durations are memoised on the CostModel."""
+    key = (model, train, repr(hw))
+    hit = _COST_CACHE.get(key)
+    if hit is None:
+        if len(_COST_CACHE) > 64:
+            _COST_CACHE.clear()
+        hit = _COST_CACHE[key] = (CostModel(model, train, hw), model_flops_per_step(model, train))
+    return hit
 
 
 def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostModel:
-    """One CostModel per (model, train, hardware): the planner simulates many plans of one workload."""
-    key = (model, train, repr(hw))
-    cm = _COST_CACHE.get(key)
-    if cm is None:
-        if len(_COST_CACHE) > 64:
-            _COST_CACHE.clear()
-        cm = _COST_CACHE[key] = CostModel(model, train, hw)
-    return cm
+    return _cached(model, train, hw)[0]
 
 
 @dataclass
@@ -48,8 +53,19 @@ class SimResult:
     error_tier: str | None = None
     graph: TaskGraph | None = field(default=None, repr=False)
     run: engine.EngineRun | None = field(default=None, repr=False)
-    meta: dict = field(default_factory=dict, repr=False)
+    inputs: tuple | None = field(default=None, repr=False)      # (model, train, hw, plan)
     _trace: object = field(default=None, repr=False)
+
+    @property
+    def meta(self) -> dict:
+        """Trace metadata: what was simulated (built on demand; plan.to_dict is not free)."""
+        if self.inputs is None:
+            return {"source": "simulated"}
+        model, train, hw, plan = self.inputs
+        cap = self.graph.capacity if self.graph is not None else [0, 0, 0]
+        return {"source": "simulated", "model": model.name, "model_spec": model.to_dict(), "hardware": hw.name,
+                "hardware_summary": hw.summary(), "plan": plan.to_dict(), "train": train.to_dict(),
+                "capacity": dict(zip(TIERS, cap)), "iterations": self.graph.iterations if self.graph else 0}
 
     @property
     def trace(self):
@@ -77,15 +93,13 @@ def simulate(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan
     """Simulate `iterations` steps (default: the plan's) of `plan`; steady state excludes the first."""
     t0 = time.perf_counter()
     k = plan.globals.iterations if iterations is None else iterations
-    cm = cost_model(model, train, hw)
+    cm, flops = _cached(model, train, hw)
     g = builder.build(model, train, hw, plan, k, cm)
-    meta = {"source": "simulated", "model": model.name, "model_spec": model.to_dict(), "hardware": hw.name,
-            "hardware_summary": hw.summary(), "plan": plan.to_dict(), "train": train.to_dict(),
-            "capacity": dict(zip(TIERS, g.capacity)), "iterations": k}
+    inputs = (model, train, hw, plan)
 
     def failed(msg: str, tier: str | None, peak: list[int], run=None) -> SimResult:
         return SimResult(False, math.inf, 0.0, 0.0, dict(zip(TIERS, peak)), {r: 0.0 for r in RESOURCES}, "none",
-                         len(g), time.perf_counter() - t0, msg, tier, g, run, meta)
+                         len(g), time.perf_counter() - t0, msg, tier, g, run, inputs)
 
     for tier, need, cap in zip(TIERS, g.resident, g.capacity):
         if need > cap:
@@ -117,11 +131,10 @@ def simulate(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan
         pool_busy[g.pool[i]] = pool_busy.get(g.pool[i], 0.0) + busy_s[RESOURCES[i]]
     util = {r: pool_busy[g.pool[i]] / g.pool_slots[g.pool[i]] for i, r in enumerate(RESOURCES)}
     bottleneck = max(RESOURCES, key=lambda r: (util[r], busy_s[r]))
-    flops = model_flops_per_step(model, train)
     return SimResult(True, iteration_s, train.tokens / iteration_s if iteration_s > 0 else math.inf,
                      flops / iteration_s / 1e12 if iteration_s > 0 else math.inf,
                      dict(zip(TIERS, run.peak)), busy_s, bottleneck, len(g), time.perf_counter() - t0,
-                     None, None, g, run, meta)
+                     None, None, g, run, inputs)
 
 
 def to_trace(result: SimResult):
