@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ortools.linear_solver import pywraplp
 
 from tiertune.hardware import HardwareProfile
+from tiertune.planner.estimate import usable_gpu_bytes
 from tiertune.simulator.costs import CostModel
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -99,7 +100,7 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
             t_cpu += comp_p * c / cpu_rate
         t_sr += (lc.optim_bytes * so + WEIGHT_CROSSINGS * lc.weight_bytes * sw + lc.act_bytes * sa) / ssd_r
         t_sw += (lc.optim_bytes * so + lc.act_bytes * sa) / ssd_w
-    solver.Add(gpu_mem + work <= budget)
+    solver.Add(gpu_mem + work <= usable_gpu_bytes(budget))
     solver.Add(cpu_mem <= hw.cpu_mem_bytes)
     solver.Add(ssd_mem <= hw.ssd_capacity_total_bytes)
     terms = {"gpu": t_gpu, "cpu": t_cpu}

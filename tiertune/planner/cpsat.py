@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from ortools.sat.python import cp_model
 
 from tiertune.hardware import HardwareProfile
-from tiertune.planner.estimate import RESOURCES, fold_duplex, layer_work, optimizer_state_bytes
+from tiertune.planner.estimate import (RESOURCES, fold_duplex, layer_work, optimizer_state_bytes,
+                                       usable_gpu_bytes)
 from tiertune.schedule import ACTIVATIONS, TIERS, LayerPlan, Plan
 from tiertune.simulator.costs import CostModel
 
@@ -88,7 +89,7 @@ def groups(cm: CostModel) -> list[list[int]]:
     return sorted(by.values(), key=lambda g: g[0])
 
 
-def _resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
+def resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
     """Bytes layer i holds in each tier through the iteration (the count model's memory rows)."""
     lc = cm.layers[i]
     out = {"gpu": 0, "cpu": 0, "ssd": 0}
@@ -132,7 +133,7 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
             for d in (w.fwd, w.bwd, w.post):
                 for r, v in d.items():
                     tot[r] += v
-            works[i, k] = (fold_duplex(tot, hw), _resident(cm, i, lp))
+            works[i, k] = (fold_duplex(tot, hw), resident(cm, i, lp))
     horizon = sum(max(works[g[0], k][0].values()) * len(g) for g in grp for k in [0]) * 50 + 1.0
     unit = horizon / 2e6
     m = cp_model.CpModel()
@@ -145,7 +146,7 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
     for r in RESOURCES:
         m.add(T * 1000 >= sum(int(round(works[g[0], k][0][r] / unit * 1000)) * counts[gi][k]
                               for gi, g in enumerate(grp) for k in range(len(choices))))
-    cap = {"gpu": gpu_budget - working_set(cm, depth), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
+    cap = {"gpu": usable_gpu_bytes(gpu_budget) - working_set(cm, depth), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
     if cap["gpu"] < 0:
         return None, SolverStats("infeasible", None, None, time.perf_counter() - t0, "counts")
     for tier in ("gpu", "cpu", "ssd"):
@@ -397,7 +398,7 @@ class IntervalModel:
             m.add_cumulative(res_iv["cpu"], [1] * len(res_iv["cpu"]), hw.cpu_workers)
         else:
             m.add_no_overlap(res_iv["cpu"])
-        m.add_cumulative(gpu_mem_iv, gpu_mem_dem, max(0, gpu_budget // MIB))
+        m.add_cumulative(gpu_mem_iv, gpu_mem_dem, max(0, usable_gpu_bytes(gpu_budget) // MIB))
         self.n_intervals = len(self.starts) + len(gpu_mem_iv)
         m.add(sum(static["cpu"]) <= hw.cpu_mem_bytes // MIB)
         m.add(sum(static["ssd"]) <= hw.ssd_capacity_total_bytes // MIB)

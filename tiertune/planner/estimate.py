@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import LayerPlan, Plan
+from tiertune.simulator.builder import CUDA_CONTEXT_BYTES
 from tiertune.simulator.costs import CostModel
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -179,6 +180,11 @@ def capacity(hw: HardwareProfile, plan: Plan, tier: str) -> int:
     if tier == "gpu" and plan.globals.gpu_mem_bytes is not None:
         return plan.globals.gpu_mem_bytes
     return hw.capacity(tier)
+
+
+def usable_gpu_bytes(budget: int) -> int:
+    """GPU bytes left for tensors: the engine reserves a CUDA context out of every budget."""
+    return budget - CUDA_CONTEXT_BYTES
 
 
 def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostModel:

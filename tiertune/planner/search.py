@@ -10,6 +10,7 @@ numbers decide. If nothing fits, InputError names the smallest GPU budget that w
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.workload import ModelSpec, TrainSpec
 
 DISAGREE = 0.05            # engine vs solver beyond this: say so and refine
+EXACT_LIMIT = 2048         # enumerate the whole space through the engine when it is this small
 MEMORY_LEAN = ("zero-infinity", "megatrain", "fuyou")   # policies that need the least GPU memory
 
 
@@ -131,14 +133,12 @@ class _Scorer:
         return self.cache[key]
 
 
-def _neighbours(lp: LayerPlan, choices: list[LayerPlan]) -> list[LayerPlan]:
-    """Choices that differ from lp in exactly one dimension (update/grad_rank move with optimizer)."""
-    out = []
-    for c in choices:
-        diff = sum(getattr(c, d) != getattr(lp, d) for d in ("params", "optimizer", "activations"))
-        if c != lp and diff <= 1:
-            out.append(c)
-    return out
+def _neighbours(lp: LayerPlan, choices: list[LayerPlan], reach: int = 1) -> list[LayerPlan]:
+    """Choices that differ from lp in at most `reach` of params/optimizer/activations (update and
+    grad_rank move with the optimizer), nearest first."""
+    dims = ("params", "optimizer", "activations")
+    near = [(sum(getattr(c, d) != getattr(lp, d) for d in dims), str(c), c) for c in choices if c != lp]
+    return [c for diff, _, c in sorted(near, key=lambda x: x[:2]) if diff <= reach]
 
 
 def descend(layers: list[LayerPlan], choices: list[LayerPlan], score, groups: list[list[int]],
@@ -148,7 +148,7 @@ def descend(layers: list[LayerPlan], choices: list[LayerPlan], score, groups: li
     The moved layers are picked evenly spread over the group's layers that hold the choice."""
     best = list(layers)
     best_s = score(best)
-    for g in sorted(groups, key=len, reverse=True):
+    for g in sorted(groups, key=len, reverse=True) * 2:        # a second sweep: groups interact via memory
         k = max(1, len(g) // 2)
         while k >= 1 and time.perf_counter() < deadline:
             improved = False
@@ -175,27 +175,42 @@ def descend(layers: list[LayerPlan], choices: list[LayerPlan], score, groups: li
 
 
 def local_search(layers: list[LayerPlan], idx: list[int], choices: list[LayerPlan], score,
-                 deadline: float) -> list[LayerPlan]:
-    """Per-layer moves on the layers in idx, engine in the loop, until no move helps."""
+                 deadline: float, reach: int = 3) -> list[LayerPlan]:
+    """Per-layer moves on the layers in idx (to any choice within `reach` dimensions), then pair moves
+    (two layers at once: memory freed in one pays for a faster choice in the other), engine in the
+    loop, until no move helps or time runs out."""
     best, best_s = list(layers), score(layers)
-    improved = True
-    while improved and time.perf_counter() < deadline:
-        improved = False
+
+    def moves():
         for i in idx:
-            for b in _neighbours(best[i], choices):
-                if time.perf_counter() > deadline:
-                    return best
-                cand = list(best)
+            for b in _neighbours(best[i], choices, reach):
+                yield ((i, b),)
+        for i, j in itertools.combinations(idx, 2):
+            for b in _neighbours(best[i], choices, 2):
+                for c in _neighbours(best[j], choices, 2):
+                    yield ((i, b), (j, c))
+
+    improved = True
+    while improved:
+        improved = False
+        for mv in moves():
+            if time.perf_counter() > deadline:
+                return best
+            cand = list(best)
+            for i, b in mv:
                 cand[i] = b
-                s = score(cand)
-                if s < best_s * (1 - 1e-6):
-                    best, best_s, improved = cand, s, True
+            s = score(cand)
+            if s < best_s * (1 - 1e-6):
+                best, best_s, improved = cand, s, True
+                break
     return best
 
 
 def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
-                  grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None) -> PlanResult:
-    """Search a per-layer schedule; return the best engine-verified plan with provenance."""
+                  grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None,
+                  choices: list[LayerPlan] | None = None) -> PlanResult:
+    """Search a per-layer schedule; return the best engine-verified plan with provenance.
+    `choices` narrows the per-layer options (default: every option the training settings allow)."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
     cm = cost_model(model, train, hw)
@@ -205,7 +220,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     template = Plan(model=model.name, hardware=hw.name, train=train, layers=(LayerPlan(),) * len(cm.layers),
                     globals=PlanGlobals(prefetch_depth=1), provenance={})
     score = _Scorer(model, train, hw, template)
-    choices = cpsat.layer_choices(train, grad_ranks)
+    choices = list(choices) if choices is not None else cpsat.layer_choices(train, grad_ranks)
     groups = cpsat.groups(cm)
     stages: list[dict] = []
     seeds: list[list[LayerPlan]] = []
@@ -218,18 +233,27 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     stages.append(st.to_dict())
     if counts is not None:
         seeds.append(cpsat.place(cm, choices, counts))
-    if not seeds:
-        raise InputError(no_fit_message(model, train, hw))
+    # the count model's memory rows are approximate: the leanest uniform layout is always a candidate
+    lean = min(choices, key=lambda c: (cpsat.resident(cm, 1, c)["gpu"], c.params != "cpu"))
+    seeds.append([lean] * len(cm.layers))
     start = min(seeds, key=score)
     if math.isinf(score(start)):
-        # the count model's memory rows are approximate; fall back to the leanest fitting layout
-        if not same:
-            raise InputError(no_fit_message(model, train, hw))
-        start = list(min(same, key=lambda b: b.iteration_s).plan.layers)
+        raise InputError(no_fit_message(model, train, hw))
+    # (0) a space small enough to enumerate (a few thousand engine runs at most) is enumerated
+    if len(choices) ** len(cm.layers) <= EXACT_LIMIT:
+        t1 = time.perf_counter()
+        start = min(itertools.product(choices, repeat=len(cm.layers)), key=score)
+        stages.append({"stage": "enumerate", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
+                       "iteration_s": score(start)})
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
-    best = descend(start, choices, score, groups, t0 + 0.6 * time_limit_s)
+    best = descend(start, choices, score, groups, t0 + 0.4 * time_limit_s)
     stages.append({"stage": "descent", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
+                   "iteration_s": score(best)})
+    # (2b) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
+    t1 = time.perf_counter()
+    best = local_search(best, list(range(len(best))), choices, score, t0 + 0.6 * time_limit_s)
+    stages.append({"stage": "local", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
                    "iteration_s": score(best)})
     # (3) the full interval model seeded with the best schedule
     solver: dict = {}
@@ -242,20 +266,21 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         solver = st.to_dict()
         stages.append(solver)
         if sol is not None:
-            changed = [i for i, (a, b) in enumerate(zip(sol, best)) if a != b]
+            changed = [i for i, (x, y) in enumerate(zip(sol, best)) if x != y]
             sol_s = score(sol)
-            est = st.objective_s
+            off = sol_s / st.objective_s - 1.0 if st.objective_s else None
+            if off is not None and abs(off) > DISAGREE:
+                # CP-SAT models one iteration's makespan with approximate memory; the engine runs the
+                # steady state. Refine the solver's answer with the engine in the loop.
+                notes.append(f"engine and CP-SAT disagree by {100 * off:+.1f}% on the solver's schedule; refined "
+                             f"by local search on the {len(changed) or len(sol)} layers it changed")
+                sol = local_search(sol, changed or list(range(len(sol))), choices, score,
+                                   deadline + 0.1 * time_limit_s)
+                sol_s = score(sol)
             if sol_s < score(best):
-                best = sol
-            else:
-                est = st.extra.get("seed_objective_s", est)
-            if est:
-                engine_vs_solver = score(best) / est - 1.0
-            if engine_vs_solver is not None and abs(engine_vs_solver) > DISAGREE:
-                notes.append(f"engine and CP-SAT disagree by {100 * engine_vs_solver:+.1f}% on the chosen plan "
-                             f"(CP-SAT models one iteration's makespan; the engine runs steady state); refined "
-                             f"by local search on the {len(changed) or len(best)} layers the solver changed")
-                best = local_search(best, changed or list(range(len(best))), choices, score, deadline + 0.1 * time_limit_s)
+                best, engine_vs_solver = sol, off
+            elif st.extra.get("seed_objective_s"):
+                engine_vs_solver = score(best) / st.extra["seed_objective_s"] - 1.0
     else:
         solver = {"status": "skipped (no time left)", "objective_s": None, "bound_s": None, "gap": None, "wall_s": 0.0}
     # never return something slower than a baseline the engine already verified
