@@ -37,7 +37,7 @@ def cases(draw):
                       grad_clip=draw(st.sampled_from([None, 1.0])))
     hw = BASE_HW.replace(pcie_duplex=draw(st.booleans()), ssd_duplex=draw(st.booleans()),
                          cpu_workers=draw(st.integers(1, 3)), ssd_count=draw(st.integers(1, 4)),
-                         cpu_mem_bytes=draw(st.sampled_from([BASE_HW.cpu_mem_bytes, 2 << 20, 8 << 20])))
+                         cpu_mem_bytes=draw(st.sampled_from([BASE_HW.cpu_mem_bytes, 1 << 20, 3 << 20])))
     layers = [draw(layer_plans(fused_ok=accum == 1)) for _ in range(model.n_layers + 2)]
     # Tight budgets (a few MiB above the CUDA context reserve) exercise memory waits and stalls.
     gpu_mem = draw(st.sampled_from([None, CUDA_CONTEXT_BYTES + (1 << 20), CUDA_CONTEXT_BYTES + (6 << 20)]))
