@@ -95,6 +95,16 @@ def simulate(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan
     k = plan.globals.iterations if iterations is None else iterations
     cm, flops = _cached(model, train, hw)
     g = builder.build(model, train, hw, plan, k, cm)
+    return run_graph(g, model, train, hw, plan, flops, t0)
+
+
+def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan,
+              flops: float | None = None, t0: float | None = None) -> SimResult:
+    """Run a built task graph through the engine and summarise it; `replay` calls this with
+    durations taken from a recorded trace."""
+    t0 = time.perf_counter() if t0 is None else t0
+    flops = model_flops_per_step(model, train) if flops is None else flops
+    k = g.iterations
     inputs = (model, train, hw, plan)
 
     def failed(msg: str, tier: str | None, peak: list[int], run=None) -> SimResult:

@@ -1,0 +1,71 @@
+"""`tiertune replay`: an unchanged replay reproduces the recorded iteration time; scaling the
+bottleneck moves it, scaling an idle resource does not; bad input is one line and exit 2."""
+
+import json
+
+import pytest
+
+from tiertune.cli import main
+from tiertune.hardware import load_hardware
+from tiertune.planner.policies import make_policy
+from tiertune.simulator import simulate
+from tiertune.traces import Trace
+from tiertune.traces.replay import replay, whatif
+from tiertune.workload import TrainSpec, load_model
+
+
+@pytest.fixture(scope="module")
+def zero_offload_trace():
+    m, t, hw = load_model("gpt3-1.3b"), TrainSpec(batch=2, seq_len=512), load_hardware("lsp-4090")
+    return simulate(m, t, hw, make_policy("zero-offload", m, t, hw)).trace
+
+
+@pytest.mark.parametrize("policy", ["zero-offload", "fuyou", "lsp-offload", "megatrain"])
+def test_unchanged_replay_reproduces_the_simulated_iteration_time(policy):
+    m, t, hw = load_model("llama2-7b"), TrainSpec(batch=1, seq_len=1024), load_hardware("lsp-4090")
+    res = simulate(m, t, hw, make_policy(policy, m, t, hw))
+    again = replay(res.trace)
+    assert again.coverage == 1.0
+    assert again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)
+
+
+def test_speeding_up_the_bottleneck_helps_and_an_idle_resource_does_not(zero_offload_trace):
+    base = replay(zero_offload_trace)
+    assert base.bottleneck == "cpu"                       # ZeRO-Offload: CPU Adam after backward
+    faster = replay(zero_offload_trace, {"cpu": 2.0})
+    assert faster.iteration_s < 0.8 * base.iteration_s
+    idle = replay(zero_offload_trace, {"ssd_read": 10.0})
+    assert idle.iteration_s == pytest.approx(base.iteration_s, rel=1e-9)
+    slower = replay(zero_offload_trace, {"cpu": 0.5})
+    assert slower.iteration_s > base.iteration_s
+
+
+def test_whatif_table_has_a_row_per_busy_resource_and_factor(zero_offload_trace):
+    df = whatif(zero_offload_trace)
+    busy = [r for r, s in replay(zero_offload_trace).busy_s.items() if s > 0]
+    assert len(df) == 1 + 2 * len(busy)
+    assert set(df["resource"]) == {"baseline", *busy}
+
+
+def test_replay_cli_json(tmp_path, zero_offload_trace, capsys):
+    path = tmp_path / "run.json"
+    zero_offload_trace.save(path)
+    assert main(["replay", str(path), "--scale", "h2d=2", "--scale", "d2h=2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scale"] == {"h2d": 2.0, "d2h": 2.0} and out["iteration_s"] <= out["recorded_iteration_s"]
+
+
+@pytest.mark.parametrize("mangle, args, message", [
+    (lambda s: s[: len(s) // 3], [], "truncated"),
+    (lambda s: s.replace("tiertune.trace/1", "tiertune.trace/7"), [], "trace/7"),
+    (lambda s: s, ["--scale", "nvlink=2"], "unknown resource 'nvlink'"),
+    (lambda s: s, ["--scale", "h2d=-1"], "positive"),
+    (lambda s: s, ["--scale", "h2d"], "RESOURCE=FACTOR"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, zero_offload_trace, capsys, mangle, args, message):
+    path = tmp_path / "run.json"
+    zero_offload_trace.save(path)
+    path.write_text(mangle(path.read_text()))
+    assert main(["replay", str(path), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
