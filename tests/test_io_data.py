@@ -43,6 +43,7 @@ def test_batches_shift_and_determinism():
     for _ in range(5):
         (x, y), (x2, y2) = next(a), next(b)
         assert x.shape == y.shape == (3, 16) and x.dtype == y.dtype == torch.long
+        assert x.is_contiguous() and y.is_contiguous()
         assert torch.equal(x, x2) and torch.equal(y, y2)
         assert torch.equal(x[:, 1:], y[:, :-1])
         row = bytes(x[0].tolist()) + bytes([y[0, -1].item()])

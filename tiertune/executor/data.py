@@ -72,7 +72,7 @@ def _sample(ids: torch.Tensor, batch: int, seq: int, seed: int) -> Iterator[tupl
     while True:
         starts = torch.randint(0, len(ids) - seq, (batch,), generator=g)
         windows = ids[starts[:, None] + span]
-        yield windows[:, :-1], windows[:, 1:]
+        yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
 def eval_batches(data: bytes, batch: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,5 +90,5 @@ def eval_batches(data: bytes, batch: int, seq: int) -> list[tuple[torch.Tensor, 
     out = []
     for i in range(0, len(starts), batch):
         windows = ids[torch.tensor(starts[i:i + batch])[:, None] + span]
-        out.append((windows[:, :-1], windows[:, 1:]))
+        out.append((windows[:, :-1].contiguous(), windows[:, 1:].contiguous()))
     return out
