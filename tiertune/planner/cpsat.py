@@ -420,28 +420,34 @@ class IntervalModel:
 
 
 def solve_intervals(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan], gpu_budget: int,
-                    time_limit_s: float, nnz_per_row: int = 4, unit_s: float | None = None
-                    ) -> tuple[list[LayerPlan] | None, SolverStats]:
-    """Stage 3: the full model seeded with `seed` (which must be among `choices` per layer)."""
+                    time_limit_s: float, nnz_per_row: int = 4, unit_s: float | None = None,
+                    fallback_seeds: tuple[list[LayerPlan], ...] = ()) -> tuple[list[LayerPlan] | None, SolverStats]:
+    """Stage 3: the full model seeded with `seed` (added to `choices` where missing). When this model
+    finds no schedule for `seed` in its share of time (its memory rows differ from the engine's), the
+    next of `fallback_seeds` provides the hint instead."""
     t0 = time.perf_counter()
-    for lp in seed:
-        if lp not in choices:
-            choices = choices + [lp]
+    seeds = [seed, *fallback_seeds]
+    for sd in seeds:
+        for lp in sd:
+            if lp not in choices:
+                choices = choices + [lp]
     if unit_s is None:
         est = sum(cm.forward_s(i) + cm.backward_s(i) for i in range(len(cm.layers)))
         unit_s = est / 2000                    # ~1 ms at 2 s of compute; scaled with the model (DESIGN.md)
-    # (a) start times for the seed: the model with its decisions pinned. Pinning adds constraints
-    # only, so the variables of a second, free copy have the same indices and take the hint 1:1.
-    pinned = IntervalModel(cm, choices, gpu_budget, unit_s, nnz_per_row)
-    pinned.fix(seed)
-    s1 = _solver(max(0.5, time_limit_s * 0.3))
-    st1 = s1.solve(pinned.m)
     model = IntervalModel(cm, choices, gpu_budget, unit_s, nnz_per_row)
-    extra = {"unit_s": unit_s, "seed_status": STATUS.get(st1, str(st1)),
-             "intervals": model.n_intervals}
-    if st1 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        extra["seed_objective_s"] = s1.objective_value * unit_s
-        model.hint_from(s1)
+    extra = {"unit_s": unit_s, "intervals": model.n_intervals}
+    # (a) start times for a seed: the model with its decisions pinned. Pinning adds constraints only,
+    # so the variables of the free copy have the same indices and take the hint 1:1.
+    for k, sd in enumerate(seeds):
+        pinned = IntervalModel(cm, choices, gpu_budget, unit_s, nnz_per_row)
+        pinned.fix(sd)
+        s1 = _solver(max(0.5, time_limit_s * 0.3 / len(seeds)))
+        st1 = s1.solve(pinned.m)
+        extra.update(seed_status=STATUS.get(st1, str(st1)), seed_index=k)
+        if st1 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            extra["seed_objective_s"] = s1.objective_value * unit_s
+            model.hint_from(s1)
+            break
     # (b) the free model from that complete hint, polishing in the remaining time
     remaining = max(0.5, time_limit_s - (time.perf_counter() - t0))
     s2 = _solver(remaining)
