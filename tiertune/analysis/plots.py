@@ -23,7 +23,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from tiertune.analysis import style
 from tiertune.errors import InputError
@@ -470,7 +470,9 @@ def max_model_vs_memory(df: pd.DataFrame, x: str = "cpu_mem_gib") -> Figure:
         ys = d.loc[d["fits"], "max_params_b"].to_numpy(dtype=float)
         if _use_log(ys, 30.0):
             ax.set_yscale("log")
+            ax.set_yticks(sorted(set(np.round(ys, 1))))           # label the model sizes themselves
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         else:
             ax.set_ylim(bottom=0)
         ax.set_xlabel(_X_LABELS.get(x, x))

@@ -88,28 +88,34 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def run_row(model_name: str, hw_name: str, gpu_mem_gib: float | None, policy: str, train: dict,
             planner_time_limit_s: float, iterations: int) -> dict:
-    """Simulate one configuration; a policy that cannot fit gives a row with fits=False and the reason."""
+    """One sweep row from names (what crosses a process or Ray boundary)."""
     from tiertune.hardware import load_hardware
-    from tiertune.planner.policies import make_policy
-    from tiertune.simulator import simulate
     from tiertune.workload import TrainSpec, load_model
 
     model = load_model(model_name)
     hw = load_hardware(hw_name).with_gpu_mem(gpu_mem_gib)
-    base = {"batch": 1, "seq_len": min(2048, model.max_seq_len)}
-    spec = TrainSpec.from_dict({**base, **train})
+    spec = TrainSpec.from_dict({"batch": 1, "seq_len": min(2048, model.max_seq_len), **train})
     row = {"model": model_name, "hardware": hw_name, "gpu_mem_gib": gpu_mem_gib, "policy": policy}
+    return {**row, **evaluate(model, spec, hw, policy, planner_time_limit_s, iterations)}
+
+
+def evaluate(model, train, hw, policy: str, planner_time_limit_s: float = 5.0, iterations: int = 3) -> dict:
+    """Simulate one policy (or the planner) on one machine; a plan that cannot fit gives fits=False
+    and the reason instead of an error."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+
     try:
         if policy == "planner":
             from tiertune.planner.search import plan_schedule
-            plan = plan_schedule(model, spec, hw, time_limit_s=planner_time_limit_s).plan
+            plan = plan_schedule(model, train, hw, time_limit_s=planner_time_limit_s).plan
         else:
-            plan = make_policy(policy, model, spec, hw)
-        res = simulate(model, spec, hw, plan, iterations=iterations)
+            plan = make_policy(policy, model, train, hw)
+        res = simulate(model, train, hw, plan, iterations=iterations)
     except InputError as exc:
-        return {**row, "fits": False, "iteration_s": float("nan"), "tokens_per_s": 0.0, "tflops": 0.0,
+        return {"fits": False, "iteration_s": float("nan"), "tokens_per_s": 0.0, "tflops": 0.0,
                 "peak_gpu": 0, "peak_cpu": 0, "peak_ssd": 0, "bottleneck": "", "error": str(exc)}
-    return {**row, "fits": bool(res.fits), "iteration_s": float(res.iteration_s) if res.fits else float("nan"),
+    return {"fits": bool(res.fits), "iteration_s": float(res.iteration_s) if res.fits else float("nan"),
             "tokens_per_s": float(res.tokens_per_s) if res.fits else 0.0,
             "tflops": float(res.tflops) if res.fits else 0.0,
             "peak_gpu": int(res.peak_bytes.get("gpu", 0)), "peak_cpu": int(res.peak_bytes.get("cpu", 0)),

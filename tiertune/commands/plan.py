@@ -81,6 +81,12 @@ def compare_policies(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, ti
                      grad_ranks: tuple[int, ...] = ()):
     """One row per named policy plus `planner`: fits, iteration time, tokens/s, TFLOP/s, peak GiB per
     tier, bottleneck, ratio to `ideal` and to the lower bound, and why it does not fit."""
+    return comparison(model, train, hw, time_limit_s, grad_ranks)[0]
+
+
+def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
+               grad_ranks: tuple[int, ...] = ()):
+    """`compare_policies`' table and the planner's PlanResult (None when nothing fits)."""
     import pandas as pd
 
     from tiertune.planner.search import plan_schedule, run_baselines
@@ -113,7 +119,7 @@ def compare_policies(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, ti
     cols = ["policy", "fits", "iteration_s", "tokens_per_s", "tflops", "peak_gpu_gib", "peak_cpu_gib",
             "peak_ssd_gib", "bottleneck", "ratio_to_ideal", "ratio_to_lower_bound", "lossless", "optimizer",
             "why_not_fit"]
-    return df.reindex(columns=cols)
+    return df.reindex(columns=cols), planned
 
 
 def _bound_for(model, train, hw, plan, lower) -> float:

@@ -7,6 +7,11 @@ import sys
 
 
 def register(sub) -> None:
+    register_sweep(sub)
+    register_report(sub)
+
+
+def register_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="simulate models x hardware x budgets x policies into a parquet table")
     p.add_argument("spec", help="sweep spec TOML (see tiertune/analysis/sweep.py)")
     p.add_argument("-o", "--output", required=True, help="results .parquet (rows already there are skipped)")
@@ -29,3 +34,39 @@ def run_sweep(args: argparse.Namespace) -> int:
     fits = int(df["fits"].sum())
     print(f"{len(df)} rows ({fits} fit) in {args.output}")
     return 0
+
+
+def register_report(sub) -> None:
+    p = sub.add_parser("report", help="compare, plot and write index.md/index.html for one model on one machine")
+    from tiertune.commands.common import add_workload_args
+
+    add_workload_args(p)
+    p.add_argument("--trace", default=None, help="a trace from simulate or execute: adds replay what-ifs (and validation for a measured one)")
+    p.add_argument("--profile", default=None, help="hardware profile to predict a measured trace with (default: calibrate --quick)")
+    p.add_argument("--time-limit", type=float, default=10.0, help="planner seconds per planning run")
+    p.add_argument("-o", "--output", required=True, help="report directory")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from tiertune.analysis.report import build_report
+    from tiertune.commands.common import load_workload
+    from tiertune.hardware import load_hardware
+    from tiertune.traces.trace import Trace
+
+    model, train, hw = load_workload(args)
+    trace = Trace.load(args.trace) if args.trace else None
+    profile = None
+    if trace is not None and trace.source == "measured":
+        profile = load_hardware(args.profile) if args.profile else _quick_profile(args.output)
+    md = build_report(model, train, hw, args.output, time_limit_s=args.time_limit, trace=trace,
+                      measured_profile=profile)
+    print(f"report written: {md} (and {md.with_suffix('.html').name})")
+    return 0
+
+
+def _quick_profile(out_dir: str):
+    """Measure this machine quickly so a measured trace can be predicted with its own numbers."""
+    from tiertune.traces.calibrate import calibrate
+
+    return calibrate(device="cpu", quick=True)[0]
