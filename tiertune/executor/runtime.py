@@ -764,14 +764,16 @@ class Executor:
         return out
 
     def state_dict(self) -> dict:
-        """Weights, master weights and optimizer state of every layer, plus the step count."""
+        """Weights, fp32 master weights and optimizer state of every layer, plus the step count; the
+        same layout whatever the plan, so a run can resume under another plan."""
         self.synchronize()
         layers = []
         for L in self.layers:
             opt = self.store.read(f"opt{L.i}") if L.lp.optimizer == "ssd" else L.opt
             w = L.home if L.lp.params != "ssd" else self.store.read(f"w{L.i}")["w"]
-            layers.append({"w": w.detach().cpu().clone(),
-                           "opt": {k: v.detach().cpu().clone() for k, v in opt.items()}})
+            master = L.home if L.shared_master else opt["master"]
+            layers.append({"w": w.detach().cpu().clone(), "master": master.detach().float().cpu().clone(),
+                           "state": {k: v.detach().cpu().clone() for k, v in opt.items() if k != "master"}})
         return {"step": self.step_no, "losses": list(self.losses), "layers": layers}
 
     def load_state_dict(self, state: dict) -> None:
@@ -780,20 +782,25 @@ class Executor:
         if not isinstance(layers, list) or len(layers) != len(self.layers):
             raise InputError("checkpoint does not match the model: wrong number of layers")
         for L, s in zip(self.layers, layers):
-            w, opt = s["w"], s["opt"]
-            if w.numel() != L.numel or (L.opt is not None and set(opt) != set(L.opt)):
-                raise InputError(f"checkpoint does not match the model/plan at layer {L.name}")
+            try:
+                w, master, st = s["w"], s["master"], s["state"]
+            except (KeyError, TypeError):
+                raise InputError(f"checkpoint layer {L.name}: missing w/master/state") from None
+            want = {f"{k}.{n}" for k, shape in enumerate(L.shapes) for n in state_shapes(self.cfg, shape)}
+            if w.numel() != L.numel or master.numel() != L.numel or set(st) != want:
+                raise InputError(f"checkpoint does not match the model/optimizer at layer {L.name}")
+            opt = dict(st) if L.shared_master else {"master": master.float(), **st}
             if L.lp.params == "ssd":
                 self._ssd_write_sync(f"w{L.i}", {"w": w.to(self.dtype)})
             else:
-                L.home.copy_(w)
+                L.home.copy_(master if L.shared_master else w)
             if L.lp.optimizer == "ssd":
                 self._ssd_write_sync(f"opt{L.i}", opt)
             else:
                 for k, v in opt.items():
                     L.opt[k].copy_(v)
         self.step_no = int(state["step"])
-        self.losses = list(state.get("losses", []))
+        self.losses = [float(x) for x in state.get("losses", [])]
 
     def peak_bytes(self) -> dict[str, int]:
         return self.meter.peak_bytes()
