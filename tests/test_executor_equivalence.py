@@ -132,3 +132,44 @@ def test_baseline_matches_plain_adamw(name, tmp_path):
 def test_lomo_matches_plain_sgd(tmp_path):
     plan = uniform("tiny-llama", make_train("sgd"), LayerPlan(update="fused", activations="recompute"))
     assert_same("tiny-llama", plan, tmp_path)
+
+
+def test_gpt2_mixed_plan_with_accumulation(tmp_path):
+    """GPT-2 family, two micro-batches accumulated, a different decision on every layer."""
+    spec = MODEL_PRESETS["tiny-gpt2"]
+    mix = [LayerPlan(params="cpu", optimizer="gpu", activations="ssd"),
+           LayerPlan(params="ssd", optimizer="cpu", update="overlap", activations="cpu"),
+           LayerPlan(params="gpu", optimizer="ssd", update="after", activations="recompute"),
+           LayerPlan(params="cpu", optimizer="cpu", update="after", activations="keep"),
+           LayerPlan(params="ssd", optimizer="gpu", update="overlap", activations="keep"),
+           LayerPlan(params="gpu", optimizer="cpu", update="overlap", activations="ssd")]
+    assert len(mix) == spec.n_layers + 2
+    plan = Plan(model="tiny-gpt2", hardware="local-cpu", train=make_train(accum=2), layers=tuple(mix),
+                globals=PlanGlobals(prefetch_depth=2))
+    assert_same("tiny-gpt2", plan, tmp_path)
+
+
+def test_clipping_after_backward(tmp_path):
+    plan = uniform("tiny-llama", make_train(clip=0.5), LayerPlan(params="cpu", optimizer="cpu"))
+    assert_same("tiny-llama", plan, tmp_path)
+
+
+def test_adalomo_fused_on_every_tier(tmp_path):
+    """AdaLomo (factored second moment) fused in backward, optimizer on the device, host and SSD,
+    against the same AdaLomo step applied in a plain loop."""
+    layers = [LayerPlan(update="fused", optimizer=o, params=p, activations=a)
+              for o, p, a in (("gpu", "gpu", "recompute"), ("cpu", "gpu", "keep"), ("ssd", "ssd", "cpu"),
+                              ("gpu", "cpu", "ssd"), ("cpu", "cpu", "recompute"), ("ssd", "gpu", "keep"))]
+    plan = Plan(model="tiny-llama", hardware="local-cpu", train=make_train("adalomo"), layers=tuple(layers))
+    assert_same("tiny-llama", plan, tmp_path)
+
+
+def test_bf16_compute_with_fp32_master_tracks_fp32(tmp_path):
+    """bf16 weights and activations, fp32 master weights: close to the fp32 run, not equal."""
+    train = TrainSpec(batch=2, seq_len=16, dtype="bf16", optimizer="adamw")
+    plan = uniform("tiny-llama", train, LayerPlan(params="cpu", optimizer="cpu", update="overlap"))
+    losses, w, _ = run_plan("tiny-llama", plan, tmp_path)
+    ref_losses, ref_w = reference("tiny-llama", make_train())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=0)
+    assert w[1]["attn.q.weight"].dtype == torch.float32
+    assert not torch.equal(w[1]["attn.q.weight"], ref_w[1]["attn.q.weight"])

@@ -154,14 +154,16 @@ class Engine:
         self._thread.start()
 
     def submit(self, fn: Callable[[], object], kind: str, layer: int, it: int, nbytes: int = 0, tag: str = "",
-               after: list[Future | None] = (), mb: int = 0) -> Future:
+               after: list[Future | None] = (), mb: int = 0, then: Callable[[], None] | None = None) -> Future:
+        """Queue `fn`; `then` runs in the worker once fn's copies are complete (CUDA: after the
+        stream sync), before the future is done, so whoever waits sees its effects too."""
         fut: Future = Future()
         # CUDA: the copy must see what the compute stream has queued so far.
         ready = None
         if self.stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-        self._q.put((fn, kind, layer, it, nbytes, tag, [a for a in after if a is not None], mb, ready, fut))
+        self._q.put((fn, kind, layer, it, nbytes, tag, [a for a in after if a is not None], mb, ready, fut, then))
         return fut
 
     def _loop(self) -> None:
@@ -169,7 +171,7 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            fn, kind, layer, it, nb, tag, after, mb, ready, fut = item
+            fn, kind, layer, it, nb, tag, after, mb, ready, fut, then = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -184,6 +186,8 @@ class Engine:
                 else:
                     out = fn()
                 self.rec.add(kind, layer, self.resource, it, s, self.rec.clock(), nb, 0.0, tag, mb)
+                if then is not None:
+                    then()
                 fut.set_result(out)
             except BaseException as exc:       # surfaced where the future is waited for
                 fut.set_exception(exc)

@@ -376,7 +376,6 @@ class Executor:
                 return self._flat(L).detach().as_strided(x.size, x.stride, x.offset)
             if isinstance(x, _Slot):
                 if x.dev is None:
-                    self._fetch_acts(L.i, force=True)
                     wait(ctx.fetch)
                 return x.dev
             return x
@@ -397,13 +396,12 @@ class Executor:
                 s.host.copy_(s.t, non_blocking=True)
             return None
 
-        def drop(_f):
+        def drop():
             for s in slots:
                 s.t = None
             self.meter.free("gpu", total)
 
-        ctx.offload = self.eng["d2h"].submit(copy_out, "offload", L.i, self.it, total, "act", mb=mb)
-        ctx.offload.add_done_callback(drop)
+        ctx.offload = self.eng["d2h"].submit(copy_out, "offload", L.i, self.it, total, "act", mb=mb, then=drop)
         if L.lp.activations == "ssd":
             key = f"a{L.i}.mb{mb}"
 
@@ -443,16 +441,15 @@ class Executor:
                 d.copy_(h, non_blocking=True)
             return None
 
-        def done_cb(_f):
-            if _f.exception() is None:
-                for s, d in zip(slots, devs):
-                    s.dev = d
+        def done_cb():
+            for s, d in zip(slots, devs):
+                s.dev = d
             for h in srcs:
                 self.pool.put(h)
             for s in slots:
                 s.host = None
-        ctx.fetch = self.eng["h2d"].submit(copy_in, "fetch", i, self.it, total, "act", after=after, mb=mb)
-        ctx.fetch.add_done_callback(done_cb)
+        ctx.fetch = self.eng["h2d"].submit(copy_in, "fetch", i, self.it, total, "act", after=after, mb=mb,
+                                           then=done_cb)
 
     # --- the step -------------------------------------------------------------------------------
     def _run(self, L: _Layer, x: torch.Tensor, ctx: _Ctx, boundary: bool) -> torch.Tensor:
@@ -522,16 +519,14 @@ class Executor:
                 self._fetch_acts(j, mb=mb)
                 self._prefetch_opt(j, last_mb, force=j == i)
             self._materialise(i, "bwd")
-            ctx = self.ctx.pop((i, mb))
+            self._fetch_acts(i, force=True, mb=mb)
+            ctx = self.ctx[(i, mb)]
             c = self.costs[i]
             root = ctx.out
             if ctx.mode == "recompute":
                 with self.rec.timed("recompute", i, "gpu", self.it, flops=c.fwd_flops, mb=mb):
                     with self._hooks(L, ctx, "keep"):
                         root = self._run(L, ctx.inp, ctx, boundary=True)
-            if ctx.mode in ("cpu", "ssd"):
-                self._fetch_acts(i, force=True, mb=mb)
-                self.ctx[(i, mb)] = ctx           # unpack may still look it up
             self._fused_ctx = (mb, last_mb)
             with self.rec.timed("backward", i, "gpu", self.it, flops=c.bwd_flops, mb=mb):
                 torch.autograd.backward(root, grad)
@@ -583,8 +578,8 @@ class Executor:
                 v = L.view(ghost, k)
                 v.copy_(g, non_blocking=True) if first else v.add_(g.to(ghost.device, torch.float32))
             return None
-        f = self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, gbytes, "grad", mb=mb)
-        f.add_done_callback(lambda _f: self.meter.free("gpu", gbytes))
+        f = self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, gbytes, "grad", mb=mb,
+                                   then=lambda: self.meter.free("gpu", gbytes))
         L.grad_futs.append(f)
         if last_mb and lp.update == "overlap":
             self._cpu_update(L, 1.0)
@@ -596,15 +591,16 @@ class Executor:
             return
         coef = 1.0
         if self.train.grad_clip is not None:
-            sq = 0.0
+            # torch.nn.utils.clip_grad_norm_, the same float32 arithmetic: a norm of per-tensor norms
+            norms = []
             for L in after:
                 if L.lp.optimizer == "gpu":
-                    sq += sum(float(g.float().pow(2).sum()) for g in L.gacc)
+                    norms += [torch.linalg.vector_norm(g, 2).cpu() for g in L.gacc]
                 else:
                     wait(L.grad_futs)
-                    sq += float(L.ghost.pow(2).sum())
-            norm = math.sqrt(sq)
-            coef = min(1.0, self.train.grad_clip / (norm + 1e-6))       # torch.nn.utils.clip_grad_norm_
+                    norms += [torch.linalg.vector_norm(L.view(L.ghost, k), 2) for k in range(len(L.params))]
+            total = torch.linalg.vector_norm(torch.stack(norms), 2)
+            coef = float(torch.clamp(self.train.grad_clip / (total + 1e-6), max=1.0))
         for L in after:
             if L.lp.optimizer == "gpu":
                 self._gpu_update(L, coef)
@@ -639,7 +635,7 @@ class Executor:
         step_no = self.step_no + 1
         with self.rec.timed("update", L.i, "gpu", self.it), torch.no_grad():
             for k, g in enumerate(L.gacc):
-                self._math(L, L.opt, k, g if coef == 1.0 else g * coef, step_no)
+                self._math(L, L.opt, k, g if coef == 1.0 else g * torch.tensor(coef, dtype=torch.float32), step_no)
         L.gacc = None
         L.pending = self._publish(L, L.opt)
 
@@ -654,7 +650,7 @@ class Executor:
         def job():
             opt = read.result() if read is not None else L.opt
             with torch.no_grad():
-                g = ghost if coef == 1.0 else ghost * coef
+                g = ghost if coef == 1.0 else ghost * torch.tensor(coef, dtype=torch.float32)
                 for k in range(len(L.params)):
                     self._math(L, opt, k, L.view(g, k), step_no)
             self.pool.put(ghost)
