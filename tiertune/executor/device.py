@@ -58,6 +58,15 @@ class Meter:
                                      f"{self.now[tier] / GiB:.4g} GiB in use + {n / GiB:.4g} GiB needed")
             self._set(tier, new)
 
+    def try_alloc(self, tier: str, n: int) -> bool:
+        """Allocate if it fits the budget; a prefetch that does not fit waits for a later try."""
+        with self._lock:
+            new = self.now[tier] + n
+            if tier == "gpu" and self.budget is not None and new > self.budget:
+                return False
+            self._set(tier, new)
+            return True
+
     def free(self, tier: str, n: int) -> None:
         with self._lock:
             self._set(tier, self.now[tier] - n)

@@ -308,7 +308,11 @@ class Executor:
             if not force:
                 return
             wait(L.pending)
-        self.meter.alloc("gpu", L.wbytes, f"streamed weights of {L.name}")
+        if force:
+            self.meter.alloc("gpu", L.wbytes, f"streamed weights of {L.name}")
+        elif not self.meter.try_alloc("gpu", L.wbytes):
+            return                           # prefetching is best effort within the budget
+
         buf = torch.empty(L.numel, dtype=self.dtype, device=self.dev)
         L.fetching = buf
         tag = "w." + phase
@@ -421,9 +425,13 @@ class Executor:
         if ctx is None or ctx.mode not in ("cpu", "ssd") or ctx.fetch is not None:
             return
         slots, total = ctx.slots, ctx.bytes
+        if ctx.mode == "ssd" and not force and not done(ctx.written):
+            return                           # stays in order behind its write; retried next layer
+        if force:
+            self.meter.alloc("gpu", total, f"fetched activations of {self.layers[i].name}")
+        elif not self.meter.try_alloc("gpu", total):
+            return
         if ctx.mode == "ssd":
-            if not force and not done(ctx.written):
-                return                       # stays in order behind its write; retried next layer
             stages = [self.pool.get(*m) for m in ctx.metas]
             key = f"a{i}.mb{mb}"
             read = self.eng["ssd_read"].submit(
@@ -432,7 +440,6 @@ class Executor:
             srcs, after = stages, [read]
         else:
             srcs, after = [s.host for s in slots], [ctx.offload]
-        self.meter.alloc("gpu", total, f"fetched activations of {self.layers[i].name}")
         ctx.dev_bytes = total
         devs = [torch.empty_like(h, device=self.dev) for h in srcs]
 
