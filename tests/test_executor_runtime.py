@@ -169,3 +169,37 @@ def test_cli_resume_continues_the_same_loss_sequence(capsys, tmp_path):
     assert first["trace"] == str(tmp_path / "t.json") and Trace.load(tmp_path / "t.json").source == "measured"
     assert first["peak_bytes"]["ssd"] > 0 and whole["peak_bytes"]["ssd"] == 0
     assert whole["iteration_s"] > 0 and whole["tokens_per_s"] > 0
+
+
+def test_hf_model_dir_trains_like_the_plain_loop(tmp_path):
+    """A local HF Llama through executor/hf.py's layers, SSD-homed state and offloaded activations."""
+    transformers = pytest.importorskip("transformers")
+    from tiertune.executor.hf import HFSource
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    src = HFSource(tmp_path / "hf")
+    ref = src.build_all()
+    params = [p for m in ref for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=LR)
+    ref_losses = []
+    for tk, tg in data(3):
+        x = tk
+        for m in ref[:-1]:
+            x = m(x)
+        loss = ref[-1](x, tg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
+    layers = [LayerPlan(params="ssd", optimizer="ssd", update="overlap", activations="cpu"),
+              LayerPlan(params="cpu", optimizer="cpu", update="after", activations="ssd"),
+              LayerPlan(params="gpu", optimizer="gpu", update="fused", activations="recompute"),
+              LayerPlan(params="cpu", optimizer="gpu", update="overlap", activations="keep")]
+    plan = Plan(model=src.spec.name, hardware="local-cpu", train=make_train(), layers=tuple(layers))
+    with Executor(src.build_all(), src.spec, plan, offload_dir=tmp_path / "ssd", optim=OptimConfig(lr=LR)) as ex:
+        losses = [ex.step(tk, tg) for tk, tg in data(3)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)

@@ -474,8 +474,14 @@ class Executor:
             raise InputError(f"batch of {tokens.shape[0]} sequences does not split into {accum} micro-batches")
         self.it = self.step_no
         loss_sum = 0.0
-        for mb, (tk, tg) in enumerate(zip(tokens.chunk(accum), targets.chunk(accum))):
-            loss_sum += self._micro_batch(tk.to(self.dev), tg.to(self.dev), mb, accum)
+        try:
+            for mb, (tk, tg) in enumerate(zip(tokens.chunk(accum), targets.chunk(accum))):
+                loss_sum += self._micro_batch(tk.to(self.dev), tg.to(self.dev), mb, accum)
+        except torch.OutOfMemoryError as exc:
+            # the allocator is capped at the budget: what our accounting does not see (kernel
+            # workspaces, fragmentation) ends here, as a budget error rather than a traceback
+            raise BudgetExceeded(f"device budget {self.budget / GiB:.4g} GiB exceeded on CUDA: "
+                                 f"{str(exc).splitlines()[0]}") from None
         self._after_updates()
         self.step_no += 1
         self.rec.flush()
