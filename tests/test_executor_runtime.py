@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_executor_equivalence import LR, data, make_train, plain_loop, run_plan, uniform
+from test_executor_equivalence import LR, data, make_train, plain_loop, uniform
 from tiertune.cli import main
 from tiertune.errors import InputError
 from tiertune.executor.models import build_model

@@ -196,6 +196,7 @@ class Executor:
         self.step_no = 0            # optimizer steps done
         self.it = 0                 # trace iteration of the step in progress
         self.losses: list[float] = []
+        self.ctx: dict[tuple[int, int], _Ctx] = {}     # (layer, micro-batch) -> what forward kept
         self.check_budget()
 
         self._tmpdir = None
@@ -491,7 +492,7 @@ class Executor:
 
     def _micro_batch(self, tokens, targets, mb: int, accum: int) -> float:
         n = len(self.layers)
-        self.ctx: dict[tuple[int, int], _Ctx] = {}
+        self.ctx = {}
         x = tokens
         # ---- forward ----
         for i, L in enumerate(self.layers):
@@ -818,9 +819,16 @@ class Executor:
         self.synchronize()
         meta = {"source": "measured", "model": self.spec.name, "model_spec": self.spec.to_dict(),
                 "hardware": self.hardware, "plan": self.plan.to_dict(), "train": self.train.to_dict(),
-                "capacity": {"gpu": self.budget or 0, "cpu": 0, "ssd": 0}, "peak_bytes": self.peak_bytes(),
+                "capacity": self._capacity(), "peak_bytes": self.peak_bytes(),
                 "iterations": self.step_no}
         return Trace.from_records(self.rec.events, self.meter.samples, meta)
+
+    def _capacity(self) -> dict[str, int]:
+        """Tier sizes of this machine: the device budget (0: none), physical RAM, the offload file system."""
+        import os
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        ssd = shutil.disk_usage(self.store.root).total if self.store is not None else 0
+        return {"gpu": int(self.budget or 0), "cpu": int(ram), "ssd": int(ssd)}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
