@@ -143,14 +143,22 @@ def whatif_section(trace, out: Path, label: str, name: str = "whatif") -> Sectio
     from tiertune.traces.replay import whatif
 
     df = whatif(trace)
-    return Section(f"What if: {label}", "Replaying the trace with one resource at half and at double speed.",
-                   df, [_save(plots.whatif_bars(df), out, name)])
+    ok = df[df["iteration_s"].map(math.isfinite)]
+    text = "Replaying the trace with one resource at half and at double speed."
+    stuck = df[~df.index.isin(ok.index)]
+    if len(stuck):
+        text += " Did not finish (the engine reports why): " + "; ".join(
+            f"{r.resource} x{r.factor:g}: {r.error}" for r in stuck.itertuples())
+    return Section(f"What if: {label}", text, df, [_save(plots.whatif_bars(ok), out, name)])
 
 
 def validation_section(measured, hw: HardwareProfile, out: Path) -> Section:
     from tiertune.traces.validate import compare, predict
 
     pred = predict(measured, hw)
+    if not pred.fits:
+        return Section("Simulator vs measurement", f"The simulator could not run the measured plan with profile "
+                       f"`{hw.name}`: {pred.error}")
     v = compare(measured, pred.trace)
     kinds = v.per_kind.groupby("kind")[["measured_s", "predicted_s"]].sum().reset_index()
     pvm = kinds.rename(columns={"kind": "label"})

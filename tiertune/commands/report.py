@@ -9,6 +9,7 @@ import sys
 def register(sub) -> None:
     register_sweep(sub)
     register_report(sub)
+    register_demo(sub)
 
 
 def register_sweep(sub) -> None:
@@ -70,3 +71,19 @@ def _quick_profile(out_dir: str):
     from tiertune.traces.calibrate import calibrate
 
     return calibrate(device="cpu", quick=True)[0]
+
+
+def register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="simulate, plan, execute a small model, validate and write a report folder")
+    p.add_argument("-o", "--output", default="tiertune-demo", help="report directory (default: tiertune-demo)")
+    p.add_argument("--time-limit", type=float, default=10.0, help="planner seconds per planning run")
+    p.add_argument("--steps", type=int, default=8, help="steps of the executed small model")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from tiertune.analysis.demo import run_demo as demo
+
+    html = demo(args.output, time_limit_s=args.time_limit, steps=args.steps)
+    print(f"report: {html}")
+    return 0

@@ -132,9 +132,9 @@ def whatif(trace: Trace, factors: tuple[float, ...] = (0.5, 2.0), resources: tup
     base = replay(trace, plan=plan, hardware=hardware)
     busy = base.busy_s
     resources = resources or tuple(r for r in RESOURCES if busy.get(r, 0.0) > 0)
-    rows = [{"resource": "baseline", "factor": 1.0, "iteration_s": base.iteration_s}]
+    rows = [{"resource": "baseline", "factor": 1.0, "iteration_s": base.iteration_s, "error": base.result.error}]
     for r in resources:
         for f in factors:
-            rows.append({"resource": r, "factor": f,
-                         "iteration_s": replay(trace, {r: f}, plan=plan, hardware=hardware).iteration_s})
+            res = replay(trace, {r: f}, plan=plan, hardware=hardware)
+            rows.append({"resource": r, "factor": f, "iteration_s": res.iteration_s, "error": res.result.error})
     return pd.DataFrame(rows)
