@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tiertune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="tiertune", description="Plan, simulate and run LLM fine-tuning across GPU, CPU and NVMe tiers.")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     for name in VERB_MODULES:
         try:
