@@ -200,6 +200,22 @@ def _pick_iteration(trace: Trace, iteration: int | None, what: str) -> int:
     return iteration
 
 
+def _iteration_window(trace: Trace, it: int) -> pd.DataFrame:
+    """Everything the resources did between the end of iteration it-1 and the end of iteration
+    it, whichever iteration a task belongs to (a deferred update of it-1 overlapping the forward
+    of it is part of the steady state), clipped to that window. The first iteration's window
+    opens at its first event."""
+    ev = trace.events
+    ends = trace.iteration_ends()
+    hi = float(ends.loc[it])
+    prev = ends[ends.index < it]
+    lo = float(prev.iloc[-1]) if len(prev) else float(ev.loc[ev["iteration"] == it, "start_s"].min())
+    win = ev[(ev["end_s"] > lo) & (ev["start_s"] < hi)].copy()
+    win["start_s"] = win["start_s"].clip(lower=lo)
+    win["end_s"] = win["end_s"].clip(upper=hi)
+    return win
+
+
 def _lane_slots(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, int]:
     """Greedy interval colouring: the sub-row of each event so events that overlap on one
     resource (a CPU with several workers, a trace with concurrent copies) do not hide each other.
@@ -301,8 +317,7 @@ def timeline(trace: Trace, iteration: int | None = None, measured: Trace | None 
     chosen = []
     for title, tr in panels:
         it = _pick_iteration(tr, iteration, title.lower())
-        ev = tr.events[tr.events["iteration"] == it]
-        chosen.append((title, tr, it, ev))
+        chosen.append((title, tr, it, _iteration_window(tr, it)))
 
     lanes = style.ordered(set().union(*(set(ev["resource"]) for *_, ev in chosen)), style.RESOURCE_ORDER)
     spans = [float(ev["end_s"].max() - ev["start_s"].min()) for *_, ev in chosen]
