@@ -11,12 +11,15 @@ data as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
+from typing import TYPE_CHECKING
 
 from tiertune.commands.common import print_json
 from tiertune.errors import InputError
+
+if TYPE_CHECKING:
+    from tiertune.hardware import HardwareProfile
+    from tiertune.schedule import Plan
+    from tiertune.workload import ModelSpec
 
 GiB = 1 << 30
 DEFAULT_HARDWARE = "lsp-4090"
@@ -51,14 +54,32 @@ def _positive(name: str, v) -> None:
         raise InputError(f"--{name} must be positive, got {v}")
 
 
+def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str | None, policy: str | None,
+             batch: int | None = None, seq: int | None = None, dtype: str | None = None) -> "Plan":
+    """The plan to run: a plan file (its training settings overridden by batch/seq/dtype where
+    given) or the named policy made for `hw` (batch 4, seq 64, AdamW unless given)."""
+    from tiertune.schedule import Plan
+    from tiertune.workload import TrainSpec
+
+    if plan_path:
+        plan = Plan.load(plan_path)
+        plan.check_model(spec.n_layers + 2)
+        changes = {k: v for k, v in (("batch", batch), ("seq_len", seq), ("dtype", dtype)) if v}
+        return plan.replace(train=plan.train.replace(**changes)) if changes else plan
+    if not policy or hw is None:
+        raise InputError("give --plan, or --policy with a hardware profile")
+    from tiertune.planner.policies import make_policy
+    train = TrainSpec(batch=batch or 4, seq_len=seq or 64, dtype=dtype or "fp32", optimizer="adamw")
+    return make_policy(policy, spec, train, hw)
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch", "seq", "lr", "gpu_mem"):
         _positive(name.replace("_", "-"), getattr(args, name))
     from pathlib import Path
 
     from tiertune.hardware import load_hardware
-    from tiertune.schedule import Plan
-    from tiertune.workload import TrainSpec, load_model
+    from tiertune.workload import load_model
 
     hf = None
     if Path(args.model).is_dir():
@@ -67,82 +88,29 @@ def run(args: argparse.Namespace) -> int:
         spec = hf.spec
     else:
         spec = load_model(args.model)
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    if args.plan:
-        plan = Plan.load(args.plan)
-        plan.check_model(spec.n_layers + 2)
-        changes = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq), ("dtype", args.dtype)) if v}
-        if changes:
-            plan = plan.replace(train=plan.train.replace(**changes))
-    else:
-        from tiertune.planner.policies import make_policy
-        train = TrainSpec(batch=args.batch or 4, seq_len=args.seq or 64, dtype=dtype, optimizer="adamw")
-        hw = load_hardware(args.hardware).with_gpu_mem(args.gpu_mem)
-        plan = make_policy(args.policy, spec, train, hw)
+    hw = load_hardware(args.hardware).with_gpu_mem(args.gpu_mem) if args.policy else None
+    plan = plan_for(spec, hw, plan_path=args.plan, policy=args.policy, batch=args.batch, seq=args.seq,
+                    dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
     train = plan.train
-    if train.seq_len > spec.max_seq_len:
-        raise InputError(f"--seq {train.seq_len} exceeds {spec.name}'s context ({spec.max_seq_len})")
+    from tiertune.executor.run import train_plan
 
-    import torch
-
-    from tiertune.executor.data import batches, load_text
-    from tiertune.executor.models import build_model
-    from tiertune.executor.runtime import Executor
-    from tiertune.executor.updates import OptimConfig
-
-    text = load_text(args.data)
-    state = None
-    if args.resume:
-        from tiertune.executor.checkpoint import load_checkpoint
-        state = load_checkpoint(args.resume)
-        if not isinstance(state, dict) or state.get("model") != spec.name or "executor" not in state:
-            raise InputError(f"checkpoint {args.resume} is not a tiertune execute checkpoint of {spec.name!r}")
-        args.seed = int(state.get("seed", args.seed))
-    lr = args.lr if args.lr is not None else (state or {}).get("lr", 1e-3)
-    torch.manual_seed(args.seed)
-    layers = hf.build_all() if hf is not None else build_model(spec, args.seed)
     budget = int(args.gpu_mem * GiB) if args.gpu_mem is not None else None
-    ex = Executor(layers, spec, plan, device=args.device, gpu_mem_bytes=budget, offload_dir=args.offload_dir,
-                  optim=OptimConfig(name=train.optimizer, lr=lr))
-    try:
-        if state is not None:
-            ex.load_state_dict(state["executor"])
-        data = batches(text, train.batch * train.grad_accum, train.seq_len, args.seed)
-        for _ in range(ex.step_no):                 # the batches the resumed run already saw
-            next(data)
-        from tqdm import tqdm
-
-        losses, times = [], []
-        tokens = train.batch * train.grad_accum * train.seq_len
-        bar = tqdm(range(args.steps), desc=f"execute {spec.name}", unit="step", file=sys.stderr, disable=None)
-        for _ in bar:
-            tk, tg = next(data)
-            t = time.perf_counter()
-            losses.append(ex.step(tk, tg))
-            times.append(time.perf_counter() - t)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / times[-1]:,.0f}")
-        ex.synchronize()
-        steady = times[1:] or times
-        iteration_s = statistics.median(steady)
-        trace = None
-        if args.trace:
-            ex.trace().save(args.trace)
-            trace = args.trace
-        if args.save_dir:
-            from tiertune.executor.checkpoint import save_checkpoint
-            save_checkpoint(args.save_dir, {"model": spec.name, "seed": args.seed, "lr": lr,
-                                            "plan": plan.to_dict(), "executor": ex.state_dict()})
-        peak = ex.peak_bytes()
-    finally:
-        ex.close()
+    res = train_plan(hf if hf is not None else spec, plan, args.steps, device=args.device, gpu_mem_bytes=budget,
+                     offload_dir=args.offload_dir, data=args.data, lr=args.lr, seed=args.seed,
+                     save_dir=args.save_dir, resume=args.resume)
+    trace = None
+    if args.trace:
+        res.trace.save(args.trace)
+        trace = args.trace
+    losses, iteration_s, peak = res.losses, res.iteration_s, res.peak_bytes
     out = {"model": spec.name, "plan": plan.provenance.get("policy", args.plan), "device": args.device,
-           "steps": ex.step_no, "losses": losses, "iteration_s": iteration_s,
-           "tokens_per_s": tokens / iteration_s if iteration_s > 0 else None, "peak_bytes": peak,
+           "steps": res.steps, "losses": losses, "iteration_s": iteration_s,
+           "tokens_per_s": res.tokens_per_s, "peak_bytes": peak,
            "budget_bytes": budget, "trace": trace}
     if args.json:
         print_json(out)
         return 0
-    print(f"{spec.name}, plan {out['plan']}: {len(losses)} steps (now at step {ex.step_no}), "
+    print(f"{spec.name}, plan {out['plan']}: {len(losses)} steps (now at step {res.steps}), "
           f"batch {train.batch} x seq {train.seq_len}, {train.optimizer}, {train.dtype}, on {args.device}")
     print(f"  loss       {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"  iteration  {iteration_s * 1e3:.1f} ms   {out['tokens_per_s']:,.0f} tokens/s")
