@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 from tiertune.commands.common import print_json
+from tiertune.errors import InputError
+
+GiB = 1 << 30
 
 
 def register(sub) -> None:
@@ -17,6 +22,24 @@ def register(sub) -> None:
     p.add_argument("--whatif", default=None, metavar="PLOT", help="also sweep each busy resource x0.5 and x2 and plot it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_replay)
+
+    v = sub.add_parser("validate", help="execute a plan, simulate the same plan, and compare the two")
+    v.add_argument("--model", required=True, help="model preset name")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan", help="plan JSON (tiertune.plan/1)")
+    src.add_argument("--policy", help="a named policy, made for the profile")
+    v.add_argument("--profile", default=None,
+                   help="hardware profile to simulate with (default: `calibrate --quick` of this machine, measured now)")
+    v.add_argument("--gpu-mem", type=float, default=None, metavar="GiB", help="device memory budget")
+    v.add_argument("--batch", type=int, default=None, help="micro-batch size (default 4, or the plan's)")
+    v.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the plan's)")
+    v.add_argument("--steps", type=int, required=True, help="steps to execute (>= 2: the first is warm-up)")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
+    v.add_argument("--trace-dir", default=None, help="write measured.json and predicted.json here")
+    v.add_argument("--plot", default=None, metavar="OUT", help="side-by-side timeline (OUT.png and OUT.svg)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=run_validate)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -44,3 +67,83 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.whatif:
         print(f"what-if plot: {', '.join(out['whatif_plot'])}")
     return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    if args.steps < 2:
+        raise InputError(f"--steps must be at least 2 (the first step is warm-up), got {args.steps}")
+    for name in ("batch", "seq", "gpu_mem"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    from tiertune.commands.execute import plan_for
+    from tiertune.hardware import load_hardware
+    from tiertune.workload import load_model
+
+    spec = load_model(args.model)
+    trace_dir = Path(args.trace_dir) if args.trace_dir else None
+    if trace_dir is not None and trace_dir.exists() and not trace_dir.is_dir():
+        raise InputError(f"--trace-dir {trace_dir} is not a directory")
+    if args.profile:
+        hw = load_hardware(args.profile)
+    else:
+        from tiertune.traces.calibrate import calibrate
+        hw, _ = calibrate(args.device, quick=True, progress=False)
+    hw = hw.with_gpu_mem(args.gpu_mem)
+    plan = plan_for(spec, hw, plan_path=args.plan, policy=args.policy, batch=args.batch, seq=args.seq,
+                    dtype="bf16" if args.device == "cuda" and not args.plan else None)
+
+    from tiertune.executor.run import train_plan
+    from tiertune.traces.validate import compare, predict
+
+    budget = int(args.gpu_mem * GiB) if args.gpu_mem is not None else None
+    run = train_plan(spec, plan, args.steps, device=args.device, gpu_mem_bytes=budget,
+                     offload_dir=args.offload_dir, progress=not args.json)
+    measured = run.trace
+    sim = predict(measured, hw)
+    if not sim.fits:
+        raise InputError(f"the simulator says the plan does not run on profile {hw.name}: {sim.error}")
+    predicted = sim.trace
+    val = compare(measured, predicted)
+    out = val.to_dict()
+    out.update({"model": spec.name, "plan": plan.provenance.get("policy", args.plan), "profile": hw.name,
+                "steps": args.steps})
+    for k in ("iteration_error",):
+        if not math.isfinite(out[k]):
+            raise InputError(f"{k} is not finite: measured {val.measured_s} s, predicted {val.predicted_s} s")
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        measured.save(trace_dir / "measured.json")
+        predicted.save(trace_dir / "predicted.json")
+        out["traces"] = [str(trace_dir / "measured.json"), str(trace_dir / "predicted.json")]
+    if args.plot:
+        from tiertune.analysis import plots
+
+        out["plot"] = [str(p) for p in plots.save(plots.timeline(predicted, measured=measured), args.plot)]
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"validate {spec.name}, plan {out['plan']}, profile {hw.name}: measured {val.measured_s * 1e3:.1f} ms, "
+          f"predicted {val.predicted_s * 1e3:.1f} ms per iteration ({val.iteration_error:+.1%})")
+    print(_table(val))
+    for key, what in (("traces", "traces"), ("plot", "plot")):
+        if key in out:
+            print(f"{what}: {', '.join(out[key])}")
+    return 0
+
+
+def _table(val) -> str:
+    """Per task kind, per resource (busy) and per tier (peak): measured, predicted, error."""
+    def pct(e) -> str:
+        return "    -" if e is None or not math.isfinite(e) else f"{e:+6.1%}"
+
+    lines = [f"  {'kind':<12}{'resource':<11}{'measured ms':>12}{'predicted ms':>13}{'error':>9}"]
+    for r in val.per_kind.sort_values("measured_s", ascending=False).itertuples(index=False):
+        lines.append(f"  {r.kind:<12}{r.resource:<11}{r.measured_s * 1e3:>12.2f}{r.predicted_s * 1e3:>13.2f}{pct(r.error):>9}")
+    lines.append(f"  {'busy':<12}{'resource':<11}")
+    for r in val.per_resource.itertuples(index=False):
+        lines.append(f"  {'':<12}{r.resource:<11}{r.measured_s * 1e3:>12.2f}{r.predicted_s * 1e3:>13.2f}{pct(r.error):>9}")
+    lines.append(f"  {'peak':<12}{'tier':<11}{'measured MiB':>12}{'predicted MiB':>13}")
+    for r in val.peaks.itertuples(index=False):
+        lines.append(f"  {'':<12}{r.tier:<11}{r.measured_bytes / 2**20:>12.1f}{r.predicted_bytes / 2**20:>13.1f}{pct(r.error):>9}")
+    return "\n".join(lines)
