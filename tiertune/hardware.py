@@ -76,6 +76,9 @@ class HardwareProfile:
     ssd_capacity_bytes: int             # per device
     ssd_duplex: bool
     ssd_efficiency: Curve               # by bytes of one request stream
+    # Device bytes taken before the first tensor: a CUDA context with cuBLAS handles and allocator
+    # slack (~300-500 MiB in nvidia-smi on current drivers; the low end), none for a CPU standing in.
+    gpu_reserve_bytes: int = 300 << 20
     source: str = "preset"              # preset | calibrated | file path
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -135,6 +138,7 @@ class HardwareProfile:
             f"name = {json.dumps(self.gpu_name)}",
             f"memory_gib = {self.gpu_mem_bytes / GiB:.6g}",
             f"memory_bw_gbps = {self.gpu_mem_bw_bps / GB:.6g}",
+            f"reserve_mib = {self.gpu_reserve_bytes / (1 << 20):.6g}",
             f"tflops = {{ {flops} }}",
             f"matmul_efficiency = {curve(self.matmul_efficiency)}",
             "", "[pcie]",
@@ -201,6 +205,7 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         gpu_mem_bw_bps=get("gpu", "memory_bw_gbps") * GB,
         gpu_flops={k: float(v) * 1e12 for k, v in tflops.items()},
         matmul_efficiency=_curve(d["gpu"].get("matmul_efficiency", [[0, 0.7]]), "gpu.matmul_efficiency"),
+        gpu_reserve_bytes=int(get("gpu", "reserve_mib", float, 300.0) * (1 << 20)),
         h2d_bps=get("pcie", "h2d_gbps") * GB,
         d2h_bps=get("pcie", "d2h_gbps") * GB,
         pcie_duplex=bool(d.get("pcie", {}).get("duplex", True)),

@@ -34,7 +34,8 @@ from tiertune.workload import ModelSpec, TrainSpec
 GPU, H2D, D2H, CPU, SSD_READ, SSD_WRITE = range(len(RESOURCES))   # same order as trace.RESOURCES
 TIERS = ("gpu", "cpu", "ssd")
 # A CUDA context with cuBLAS/cuDNN handles and the caching allocator's slack: ~300-500 MiB in
-# nvidia-smi before the first tensor on current drivers; we reserve the low end.
+# nvidia-smi before the first tensor on current drivers; the profiles' default reserve
+# (HardwareProfile.gpu_reserve_bytes; a CPU standing in for the GPU has none).
 CUDA_CONTEXT_BYTES = 300 << 20
 
 
@@ -173,7 +174,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     sent_bytes = [p * e for p in sent_params]
 
     res = g.resident
-    res[0] += CUDA_CONTEXT_BYTES
+    res[0] += hw.gpu_reserve_bytes
     for i, lp in enumerate(lp_):
         res[TIERS.index(lp.params)] += wb[i]
         res[TIERS.index(lp.optimizer)] += opt_bytes[i]

@@ -13,6 +13,10 @@ from tiertune.workload import LayerCost, ModelSpec, TrainSpec, layer_costs
 COPY_LATENCY_S = 10e-6        # per-copy launch + sync overhead (cudaMemcpyAsync class)
 SSD_LATENCY_S = 100e-6        # per-request-stream NVMe latency
 KERNEL_LATENCY_S = 20e-6      # per-layer launch overhead of a few dozen kernels
+# fp32 elements read or written per parameter by one optimizer step as the executor runs it
+# (tiertune/executor/updates.py: torch's single-tensor operation order, one kernel per operation).
+# AdamW: mul_ 2, lerp_ 3, mul_ 2, addcmul_ 3, sqrt 2, div 2, add_ 2, addcdiv_ 4; SGD: add_ 3.
+UPDATE_PASSES = {"adamw": 20, "sgd": 3, "adalomo": 12}
 
 
 class CostModel:
@@ -56,9 +60,13 @@ class CostModel:
         return self._fwd_s[layer]
 
     def gpu_update_s(self, layer: int) -> float:
-        """Optimizer step on the GPU: memory-bound streaming of weights, grads, master and moments."""
+        """Optimizer step on the GPU: memory-bound. Each elementwise operation of the update streams
+        its fp32 operands (UPDATE_PASSES per parameter); a compute dtype other than fp32 adds reading
+        the gradient and writing the weights back from the master copy."""
         lc = self.layers[layer]
-        touched = 2 * lc.weight_bytes + lc.grad_bytes + 2 * lc.optim_bytes
+        touched = 4 * UPDATE_PASSES.get(self.train.optimizer, UPDATE_PASSES["adamw"]) * lc.params
+        if self.train.elem_bytes != 4:
+            touched += lc.grad_bytes + lc.weight_bytes
         return KERNEL_LATENCY_S + touched / self.hw.gpu_mem_bw_bps
 
     # --- copies ------------------------------------------------------------------------------

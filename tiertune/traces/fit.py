@@ -104,29 +104,34 @@ def _compute_model(trace: Trace, hw: HardwareProfile, dtype: str):
         return None
 
 
-def _fit_compute(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, min_events: int,
-                 cm=None) -> tuple[dict, list[FitRow]]:
-    """One scale on the dtype's peak. With the run's cost model, each event's prediction is split
+def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None):
+    """(events, x, y, d, how) of one trace's compute events: duration d = slowdown * x + (d - y), x the
+    matmul seconds at the base peak. With the run's cost model, each event's prediction is split
     into its matmul part (which the peak scales) and its fixed part (kernel latency, elementwise
     work at memory bandwidth), so refitting a trace the simulator made returns the same profile;
     without it, the event's FLOPs at the table's efficiency are taken as all matmul."""
     sel = ev[(ev["resource"] == "gpu") & ev["kind"].isin(COMPUTE_KINDS) & (ev["flops"] > 0)]
     peak = hw.peak_flops(dtype)
-    name = f"gpu {dtype} peak"
     d = sel["duration_s"].to_numpy(float)
     mult = np.where(sel["kind"].to_numpy() == "backward", 2.0, 1.0)      # backward = 2x forward
-    how = "from FLOPs"
     if cm is not None and sel["layer"].between(0, len(cm.layers) - 1).all():
         fixed = np.array([cm.layers[i].act_bytes / hw.gpu_mem_bw_bps for i in sel["layer"]])
         matmul = np.array([cm.forward_s(i) - KERNEL_LATENCY_S for i in sel["layer"]]) - fixed
         keep = matmul > 0
         sel, d, mult, fixed, matmul = sel[keep], d[keep], mult[keep], fixed[keep], matmul[keep]
-        x, y = mult * matmul, d - KERNEL_LATENCY_S - mult * fixed      # x: matmul seconds at the base peak
-        how = f"via the cost model of {cm.model.name}"
-    else:
-        flops = sel["flops"].to_numpy(float)
-        x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops]) / peak
-        y = d - KERNEL_LATENCY_S
+        return sel, mult * matmul, d - KERNEL_LATENCY_S - mult * fixed, d, f"via the cost model of {cm.model.name}"
+    flops = sel["flops"].to_numpy(float)
+    x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops]) / peak
+    return sel, x, d - KERNEL_LATENCY_S, d, "from FLOPs"
+
+
+def _fit_compute(samples: list[tuple], hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
+    """One scale on the dtype's peak, by least squares over the compute events of every trace."""
+    peak = hw.peak_flops(dtype)
+    name = f"gpu {dtype} peak"
+    sel = pd.concat([s[0] for s in samples]) if samples else pd.DataFrame(columns=["kind"])
+    x, y, d = (np.concatenate([s[k] for s in samples]) if samples else np.zeros(0) for k in (1, 2, 3))
+    how = "; ".join(sorted({s[4] for s in samples}))
     counts = sel.groupby("kind").size().to_dict()
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
     if len(sel) < min_events:
@@ -253,14 +258,27 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
 def fit_profile(trace: Trace, base: HardwareProfile, dtype: str | None = None, optimizer: str | None = None,
                 min_events: int = MIN_EVENTS, name: str | None = None, where: str = "trace") -> FitResult:
     """Refit `base` from `trace`; raises InputError when no constant could be fitted."""
+    return fit_profiles([trace], base, dtype, optimizer, min_events, name, where)
+
+
+def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None = None, optimizer: str | None = None,
+                 min_events: int = MIN_EVENTS, name: str | None = None, where: str = "traces") -> FitResult:
+    """Refit `base` from the events of several traces at once (one least-squares problem per
+    constant over all of them: runs of different plans and models pin the constants down better
+    than any one run). The traces should share the dtype and optimizer; the first one's are used."""
     if min_events < 2:
         raise InputError(f"--min-events must be at least 2, got {min_events}")
-    dtype = dtype or _meta_train(trace, "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
-    optimizer = optimizer or _meta_train(trace, "optimizer") or "adamw"
-    ev = _events(trace)
+    if not traces:
+        raise InputError("no traces to fit from")
+    dtype = dtype or _meta_train(traces[0], "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
+    optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
+    evs = [_events(t) for t in traces]
+    ev = pd.concat(evs, ignore_index=True)
+    compute = [_compute_samples(e, base, dtype, _compute_model(t, base, dtype)) for t, e in zip(traces, evs)]
     changes: dict = {}
     rows: list[FitRow] = []
-    for part, r in (_fit_compute(ev, base, dtype, min_events, _compute_model(trace, base, dtype)), *(_fit_link(ev, base, link, min_events) for link in _links(base)),
+    for part, r in (_fit_compute(compute, base, dtype, min_events),
+                    *(_fit_link(ev, base, link, min_events) for link in _links(base)),
                     _fit_update(ev, base, optimizer, min_events)):
         changes.update(part)
         rows += r
