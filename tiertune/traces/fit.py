@@ -17,8 +17,9 @@ the durations of the trace's tasks, grouped by resource and task kind:
   compromise, and small transfers can be off by ~20% until the cost model takes a latency from the
   profile). With a single transfer size latency and bandwidth cannot be told apart: the bandwidth
   is fit with the cost model's latency and the table kept. Copies are taken as pinned.
-- cpu `update`: params/s. Convention: the executor records an `update` event's bytes as the fp32
-  bytes of the parameters it updated, so params = bytes / 4. The rate refit is AdamW's, or SGD's
+- cpu `update`: params/s. Convention: an `update` event's bytes are the fp32 bytes of the
+  parameters it updated, so params = bytes / 4; an event with no bytes (the executor records
+  none) counts its layer's parameters, from the cost model of the trace's run. The rate refit is AdamW's, or SGD's
   when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too).
 
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
@@ -238,20 +239,33 @@ def _latency_table(latency: float, link: Link, bws: dict[str, float], sizes: np.
 
 
 # --- CPU optimizer ---------------------------------------------------------------------------------------
+def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
+    """Parameters each cpu `update` event updated: bytes / 4 by the trace convention; where an event
+    records no bytes (the executor's updates do not), the layer's parameter count from the run's
+    cost model."""
+    params = ev["bytes"].astype(float) / FP32_BYTES
+    if cm is not None:
+        known = ev["layer"].between(0, len(cm.layers) - 1)
+        from_model = ev["layer"].where(known, 0).map(lambda i: float(cm.layers[int(i)].params))
+        params = params.where(params > 0, from_model.where(known, 0.0))
+    return params
+
+
 def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int) -> tuple[dict, list[FitRow]]:
+    """`ev` carries a `params` column (see _update_params)."""
     attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
     name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
     before = getattr(hw, attr)
-    sel = ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["bytes"] > 0)]
+    sel = ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
     if len(sel) < min_events:
         return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")]
-    params = sel["bytes"].to_numpy(float) / FP32_BYTES
+    params = sel["params"].to_numpy(float)
     d = sel["duration_s"].to_numpy(float)
     inv_rate = relative_lstsq(params[:, None], d, d)[0]     # the cost model has no update latency
     if inv_rate <= 0:
         return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")]
     return {attr: 1.0 / inv_rate}, [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
-                                           "params = bytes / 4")]
+                                           "params = bytes / 4, or the layer's from the cost model")]
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -273,8 +287,9 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     dtype = dtype or _meta_train(traces[0], "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
     optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
     evs = [_events(t) for t in traces]
-    ev = pd.concat(evs, ignore_index=True)
-    compute = [_compute_samples(e, base, dtype, _compute_model(t, base, dtype)) for t, e in zip(traces, evs)]
+    cms = [_compute_model(t, base, dtype) for t in traces]
+    ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
+    compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
     changes: dict = {}
     rows: list[FitRow] = []
     for part, r in (_fit_compute(compute, base, dtype, min_events),
