@@ -150,8 +150,9 @@ def test_cli_budget_error_is_one_line_exit_2(capsys, tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
-def test_cli_lossy_plan_is_refused(capsys, tmp_path):
-    plan = uniform("tiny-llama", make_train(), LayerPlan(optimizer="cpu", grad_rank=8))
+def test_cli_lossy_plan_on_streamed_weights_is_refused(capsys, tmp_path):
+    """LSP compression runs with resident weights only (the device applies P U Q^T to them)."""
+    plan = uniform("tiny-llama", make_train(), LayerPlan(params="cpu", optimizer="cpu", grad_rank=8))
     plan.save(tmp_path / "p.json")
     assert main(["execute", "--model", "tiny-llama", "--plan", str(tmp_path / "p.json"), "--steps", "1"]) == 2
     assert "grad_rank" in capsys.readouterr().err

@@ -420,6 +420,61 @@ class LayerCompression:
                      refit=bool(stats["refit_keys"]))
         return stats
 
+    def to(self, device: torch.device | str) -> "LayerCompression":
+        """Move the projectors (the device side); the subspace moments stay where they are."""
+        for comp in self.compressors.values():
+            comp.to(device)
+        return self
+
+    def device_bytes(self) -> int:
+        """Bytes the projectors hold on their device (sparse values and indices plus the dense copies)."""
+        return sum(t.numel() * t.element_size() for c in self.compressors.values()
+                   for t in (c.p_idx, c.p_val, c.q_idx, c.q_val, c._P, c._Q))
+
+    def state_bytes(self) -> int:
+        """Bytes of the subspace Adam moments (on the CPU side)."""
+        return sum(s.exp_avg.numel() * s.exp_avg.element_size() * 2 for s in self.states.values())
+
+    def state_dict(self) -> dict:
+        """Projector values and subspace moments, on the CPU, for checkpoints. The gradients sampled
+        for the next refit are left out (up to fit_samples full gradients per shape): a resumed run
+        refits on the gradients it sees after resuming."""
+        return {"rank": self.rank, "nnz_per_row": self.nnz_per_row, "fitted": self.fitted,
+                "compressors": [{k: getattr(c, k).detach().cpu().clone() for k in ("p_idx", "p_val", "q_idx", "q_val")}
+                                for c in self.compressors.values()],
+                "states": {name: {"exp_avg": s.exp_avg.detach().cpu().clone(),
+                                  "exp_avg_sq": s.exp_avg_sq.detach().cpu().clone(), "t": s.t}
+                           for name, s in self.states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict saved; ValueError when it was made for other shapes or another rank."""
+        comps = list(self.compressors.values())
+        try:
+            if state["rank"] != self.rank or state["nnz_per_row"] != self.nnz_per_row:
+                raise ValueError(f"saved at rank {state['rank']} nnz {state['nnz_per_row']}, "
+                                 f"not rank {self.rank} nnz {self.nnz_per_row}")
+            if len(state["compressors"]) != len(comps) or set(state["states"]) != set(self.states):
+                raise ValueError("saved for other parameters")
+            for c, sc in zip(comps, state["compressors"]):
+                for k in ("p_idx", "p_val", "q_idx", "q_val"):
+                    cur = getattr(c, k)
+                    if tuple(sc[k].shape) != tuple(cur.shape):
+                        raise ValueError(f"projector {k} has shape {tuple(sc[k].shape)}, expected {tuple(cur.shape)}")
+                    setattr(c, k, sc[k].to(device=cur.device, dtype=cur.dtype))
+                c._refresh()
+            for name, s in self.states.items():
+                ss = state["states"][name]
+                if tuple(ss["exp_avg"].shape) != tuple(s.exp_avg.shape):
+                    raise ValueError(f"moments of {name} have shape {tuple(ss['exp_avg'].shape)}")
+                s.exp_avg = ss["exp_avg"].to(device=s.exp_avg.device, dtype=s.exp_avg.dtype).clone()
+                s.exp_avg_sq = ss["exp_avg_sq"].to(device=s.exp_avg_sq.device, dtype=s.exp_avg_sq.dtype).clone()
+                s.t = int(ss["t"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed compression state ({exc})") from None
+        self.fitted = bool(state["fitted"])
+        for q in self.samples.values():
+            q.clear()
+
     def bytes_on_wire(self) -> tuple[int, int]:
         """(D2H, H2D) bytes per step: d x d per matrix, every element of the vectors, each way."""
         elem = torch.empty((), dtype=self.dtype).element_size()

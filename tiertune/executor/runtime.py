@@ -26,6 +26,16 @@ layer's state can live where the plan says and move only when needed:
   host memory for the update and written back, Fuyou / ZeRO-Infinity); fp32 master weights beside
   bf16 compute weights when train.dtype is bf16.
 
+A layer with `grad_rank` d (LSP-Offload, compress.py) keeps its weights on the device and its
+optimizer on the CPU, but only d x d crosses PCIe per weight matrix: after the layer's backward
+(accumulated over micro-batches) the device samples the gradient for the projector fit, checks
+and refits per the plan's lsp_* globals, and computes S = P^T G Q (`compress`); S goes to the host
+(`grad`, in the compute dtype), the CPU runs AdamW on it in the subspace (`update`), the d x d
+update comes back (`writeback`), and the device adds P U Q^T to the weights (`decompress`) when
+the layer is next used. Vectors (norms, biases) take the same path uncompressed. Because the
+update is applied on the device, the fp32 master weights live there too (the weights themselves
+in fp32, a device copy beside bf16 ones); the CPU holds only the subspace moments.
+
 The device is CUDA or, when there is none, the CPU standing in for it through the same code: the
 same copies (memcpy in a copy thread instead of a DMA on a copy stream), the same byte budget.
 Every task lands in the trace with the simulator's kind and resource names.
@@ -45,6 +55,7 @@ import torch
 import torch.nn as nn
 
 from tiertune.errors import InputError
+from tiertune.executor.compress import LayerCompression
 from tiertune.executor.device import (GiB, BudgetExceeded, Engine, HostPool, Meter, Recorder, done, nbytes,
                                       wait)
 from tiertune.executor.updates import OptimConfig, state_shapes
@@ -139,7 +150,15 @@ class _Layer:
         self.pending = None                       # futures until its last update is home
         self.grad_futs: list[Future] = []
         self.ghost: torch.Tensor | None = None    # host fp32 gradient accumulator
-        self.gacc: list[torch.Tensor | None] | None = None   # device gradients (device optimizer)
+        self.gacc: list[torch.Tensor | None] | None = None   # device gradients (device optimizer, LSP)
+        # LSP-Offload (grad_rank set): projectors on the device, subspace AdamW on the CPU
+        self.lsp: LayerCompression | None = None
+        self.lsp_master: torch.Tensor | None = None   # device fp32 master weights when compute is not fp32
+        self.lsp_host: dict[str, torch.Tensor] | None = None   # host copies of S until the CPU step
+        self.lsp_dev: dict[str, torch.Tensor] | None = None    # device buffers the update lands in
+        self.lsp_norms: list[torch.Tensor] | None = None       # full-gradient norms (for clipping)
+        self.lsp_apply: tuple[dict, int] | None = None         # (update buffers, iteration) to apply
+        self.lsp_sample_bytes = 0                               # device bytes of gradients kept for refits
 
     def view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         o = self.offsets[k]
@@ -164,8 +183,15 @@ class Executor:
                  optim: OptimConfig | None = None, hardware: str | None = None):
         plan.check_model(len(layers))
         for j, lp in enumerate(plan.layers):
-            if lp.grad_rank is not None:
-                raise InputError(f"layers[{j}].grad_rank: grad_rank execution not available yet (lossless plans only)")
+            if lp.grad_rank is None:
+                continue
+            if lp.params != "gpu" or lp.optimizer != "cpu" or lp.update == "fused":
+                raise InputError(f"layers[{j}].grad_rank: the executor runs LSP compression with params gpu, optimizer "
+                                 f"cpu, update after/overlap (the device applies P U Q^T to resident weights); got "
+                                 f"params {lp.params}, optimizer {lp.optimizer}, update {lp.update}")
+            if plan.train.optimizer != "adamw":
+                raise InputError(f"layers[{j}].grad_rank: LSP compression runs AdamW in the subspace, "
+                                 f"train.optimizer is {plan.train.optimizer!r}")
         if plan.train.grad_clip is not None and any(lp.update != "after" for lp in plan.layers):
             raise InputError("train.grad_clip with overlap/fused updates needs a second backward pass, which the "
                              "executor does not run yet; use update 'after' or no clipping")
@@ -191,6 +217,14 @@ class Executor:
         self.costs = layer_costs(spec, self.train)
         self.layers = [_Layer(i, n, m, lp, self.dtype)
                        for i, (n, m, lp) in enumerate(zip(spec.layer_names, layers, plan.layers))]
+        g = plan.globals
+        for L in self.layers:
+            if L.lp.grad_rank is not None:     # built on the CPU first: the budget check needs its size
+                L.lsp = LayerCompression(dict(zip(L.pnames, (tuple(s) for s in L.shapes))), L.lp.grad_rank,
+                                         g.lsp_nnz_per_row, g.lsp_check_every, g.lsp_refit_threshold,
+                                         g.lsp_fit_samples, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
+                                         weight_decay=self.cfg.weight_decay, seed=L.i)
+        self.lsp_log: list[dict] = []     # per projector check: step, layer, error before/after, refit
         self._empty = torch.empty(0, dtype=self.dtype, device=self.dev)
         self._anchor = torch.empty(0, device=self.dev, requires_grad=True)
         self.step_no = 0            # optimizer steps done
@@ -228,6 +262,12 @@ class Executor:
                 weights += L.wbytes
             else:
                 streamed.append(L.wbytes)
+            if L.lsp is not None:
+                # projectors, and the fp32 master beside non-fp32 weights (the update is applied here);
+                # gradients accumulated over micro-batches stay full-size until compressed
+                optim += L.lsp.device_bytes() + (4 * L.numel if self.dtype != torch.float32 else 0)
+                if self.train.grad_accum > 1:
+                    grads += L.numel * e
             if lp.optimizer == "gpu":
                 master = 0 if (self.dtype == torch.float32 and lp.params == "gpu") else 4 * L.numel
                 optim += master + sum(4 * math.prod(s) for shape in L.shapes
@@ -257,6 +297,18 @@ class Executor:
         flat32 = torch.cat([p.detach().reshape(-1).float().cpu() for p in L.params])
         compute = flat32.to(self.dtype)
         L.shared_master = self.dtype == torch.float32 and lp.optimizer == lp.params and lp.params != "ssd"
+        if L.lsp is not None:
+            self.meter.alloc("gpu", L.wbytes, f"resident weights of {L.name}")
+            L.home = compute.to(self.dev, copy=True)
+            L.bind(L.home, self._empty)
+            L.lsp.to(self.dev)
+            self.meter.alloc("gpu", L.lsp.device_bytes(), f"LSP projectors of {L.name}")
+            if self.dtype != torch.float32:
+                self.meter.alloc("gpu", 4 * L.numel, f"master weights of {L.name}")
+                L.lsp_master = flat32.to(self.dev, copy=True)
+            L.opt_bytes = L.lsp.state_bytes()
+            self.meter.alloc("cpu", L.opt_bytes)
+            return
         if lp.params == "gpu":
             self.meter.alloc("gpu", L.wbytes, f"resident weights of {L.name}")
             L.home = compute.to(self.dev, copy=True)
@@ -332,6 +384,7 @@ class Executor:
         L = self.layers[i]
         if L.lp.params == "gpu":
             wait(L.pending)
+            self._lsp_apply(L)
             return
         if L.dev is not None:
             return
@@ -569,6 +622,9 @@ class Executor:
                 L.pending = self._publish(L, L.opt if lp.optimizer != "ssd" else wait(L.opt_read))
                 L.opt_read = None
             return
+        if L.lsp is not None:
+            self._lsp_grads(L, mb, last_mb)
+            return
         grads = [p.grad for p in L.params]
         for p in L.params:
             p.grad = None
@@ -608,7 +664,9 @@ class Executor:
             # torch.nn.utils.clip_grad_norm_, the same float32 arithmetic: a norm of per-tensor norms
             norms = []
             for L in after:
-                if L.lp.optimizer == "gpu":
+                if L.lsp is not None:
+                    norms += [n.cpu() for n in L.lsp_norms]
+                elif L.lp.optimizer == "gpu":
                     norms += [torch.linalg.vector_norm(g, 2).cpu() for g in L.gacc]
                 else:
                     wait(L.grad_futs)
@@ -616,7 +674,9 @@ class Executor:
             total = torch.linalg.vector_norm(torch.stack(norms), 2)
             coef = float(torch.clamp(self.train.grad_clip / (total + 1e-6), max=1.0))
         for L in after:
-            if L.lp.optimizer == "gpu":
+            if L.lsp is not None:
+                self._lsp_update(L, coef)
+            elif L.lp.optimizer == "gpu":
                 self._gpu_update(L, coef)
             else:
                 self._cpu_update(L, coef)
@@ -697,6 +757,106 @@ class Executor:
                 self._math(L, opt, k, host, step_no)
             self.pool.put(host)
 
+    # --- LSP-Offload: compressed gradients, subspace AdamW on the CPU ---------------------------------
+    def _lsp_grads(self, L: _Layer, mb: int, last_mb: bool) -> None:
+        """Accumulate the full gradient on the device over micro-batches (S is linear in G, but the
+        projector check and fit need G itself); compress and send it after the last one."""
+        grads = [p.grad for p in L.params]
+        for p in L.params:
+            p.grad = None
+        if L.gacc is None:
+            L.gacc = grads
+            self.meter.alloc("gpu", sum(nbytes(g) for g in grads), f"gradients of {L.name}")
+        else:
+            for a, g in zip(L.gacc, grads):
+                a.add_(g)
+        if not last_mb:
+            return
+        self._lsp_compress(L, mb)
+        if L.lp.update == "overlap":
+            self._lsp_update(L, 1.0)
+
+    def _lsp_compress(self, L: _Layer, mb: int) -> None:
+        """Device: sample/check/refit the projectors, S = P^T G Q, then S to the host on the d2h engine."""
+        lc = L.lsp
+        grads = dict(zip(L.pnames, L.gacc))
+        gbytes = sum(nbytes(g) for g in L.gacc)
+        with self.rec.timed("compress", L.i, "gpu", self.it, mb=mb), torch.no_grad():
+            stats = lc.observe(self.step_no, grads)
+            # what crosses PCIe is in the compute dtype, as a lossless gradient would be
+            small = {k: s.to(self.dtype) for k, s in lc.compress_grads(grads).items()}
+            L.lsp_norms = ([torch.linalg.vector_norm(g, 2) for g in L.gacc]
+                           if self.train.grad_clip is not None else None)
+        if stats["error"] is not None:
+            self.lsp_log.append({"step": self.step_no, "layer": L.i, "error": stats["error"],
+                                 "error_after": stats["error_after"], "refit": stats["refit"]})
+        kept = sum(nbytes(t) for q in lc.samples.values() for t in q)
+        if kept > L.lsp_sample_bytes:
+            self.meter.alloc("gpu", kept - L.lsp_sample_bytes, f"gradient samples for LSP refits of {L.name}")
+        else:
+            self.meter.free("gpu", L.lsp_sample_bytes - kept)
+        L.lsp_sample_bytes = kept
+        L.gacc = None
+        sbytes = sum(nbytes(s) for s in small.values())
+        self.meter.alloc("gpu", sbytes, f"compressed gradients of {L.name}")
+        self.meter.free("gpu", gbytes)
+        # the update's device buffers are allocated here, on the compute stream, and kept until applied
+        L.lsp_dev = {k: torch.empty_like(s) for k, s in small.items()}
+        self.meter.alloc("gpu", sbytes, f"compressed update of {L.name}")
+        host = L.lsp_host = {k: self.pool.get(s.shape, self.dtype) for k, s in small.items()}
+
+        def copy_out():
+            for k, s in small.items():
+                host[k].copy_(s, non_blocking=True)
+            return None
+        L.grad_futs.append(self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, sbytes, "grad", mb=mb,
+                                                  then=lambda: self.meter.free("gpu", sbytes)))
+
+    def _lsp_update(self, L: _Layer, coef: float) -> None:
+        """CPU: AdamW on S in the subspace (worker thread), then the d x d update back on the h2d engine."""
+        futs, L.grad_futs = L.grad_futs, []
+        host, dev, L.lsp_host, L.lsp_dev = L.lsp_host, L.lsp_dev, None, None
+        it = self.it
+
+        def job():
+            with torch.no_grad():
+                small = {k: h if coef == 1.0 else h * torch.tensor(coef, dtype=torch.float32)
+                         for k, h in host.items()}
+                upd = L.lsp.cpu_step(small)
+            for h in host.values():
+                self.pool.put(h)
+            out = {k: self.pool.get(u.shape, self.dtype) for k, u in upd.items()}
+            for k, u in upd.items():
+                out[k].copy_(u)
+            ubytes = sum(nbytes(t) for t in out.values())
+
+            def copy_in():
+                for k, t in out.items():
+                    dev[k].copy_(t, non_blocking=True)
+                return None
+
+            def give_back():
+                for t in out.values():
+                    self.pool.put(t)
+            return [self.eng["h2d"].submit(copy_in, "writeback", L.i, it, ubytes, "upd", then=give_back)]
+        L.pending = self.eng["cpu"].submit(job, "update", L.i, it, after=futs)
+        L.lsp_apply = (dev, it)
+
+    def _lsp_apply(self, L: _Layer) -> None:
+        """Device: W += P U Q^T (after decoupled weight decay) once the update is back; run where the
+        layer is next needed (its next forward) or at synchronize."""
+        if L.lsp_apply is None:
+            return
+        dev, it = L.lsp_apply
+        L.lsp_apply = None
+        wait(L.pending)
+        master = L.home if L.lsp_master is None else L.lsp_master
+        with self.rec.timed("decompress", L.i, "gpu", it), torch.no_grad():
+            L.lsp.apply({n: L.view(master, k) for k, n in enumerate(L.pnames)}, dev)
+            if master is not L.home:
+                L.home.copy_(master)
+        self.meter.free("gpu", sum(nbytes(t) for t in dev.values()))
+
     def _publish(self, L: _Layer, opt: dict, it: int | None = None) -> list:
         """Bring the updated master weights to the compute weights' home; write SSD-resident optimizer
         state back. Returns the futures of the copies still under way."""
@@ -754,14 +914,20 @@ class Executor:
         """Wait for every update still in flight (they overlap the next step's forward otherwise)."""
         for L in self.layers:
             wait(L.pending)
+            self._lsp_apply(L)
         if self.cuda:
             torch.cuda.synchronize(self.dev)
+            self.rec.flush()
 
     def master_weights(self) -> list[dict[str, torch.Tensor]]:
         """Every layer's fp32 master weights, by parameter name, on the CPU (for tests and checkpoints)."""
         self.synchronize()
         out = []
         for L in self.layers:
+            if L.lsp is not None:
+                flat = L.home if L.lsp_master is None else L.lsp_master
+                out.append({n: L.view(flat, k).detach().float().cpu().clone() for k, n in enumerate(L.pnames)})
+                continue
             if L.lp.optimizer == "ssd":
                 opt = self.store.read(f"opt{L.i}")
             else:
@@ -779,6 +945,11 @@ class Executor:
         self.synchronize()
         layers = []
         for L in self.layers:
+            if L.lsp is not None:     # subspace moments and projectors instead of full-size moments
+                master = L.home if L.lsp_master is None else L.lsp_master
+                layers.append({"w": L.home.detach().cpu().clone(), "master": master.detach().float().cpu().clone(),
+                               "state": {}, "lsp": L.lsp.state_dict()})
+                continue
             opt = self.store.read(f"opt{L.i}") if L.lp.optimizer == "ssd" else L.opt
             w = L.home if L.lp.params != "ssd" else self.store.read(f"w{L.i}")["w"]
             master = L.home if L.shared_master else opt["master"]
@@ -796,6 +967,21 @@ class Executor:
                 w, master, st = s["w"], s["master"], s["state"]
             except (KeyError, TypeError):
                 raise InputError(f"checkpoint layer {L.name}: missing w/master/state") from None
+            if (L.lsp is not None) != ("lsp" in s):
+                raise InputError(f"checkpoint layer {L.name}: {'subspace (LSP)' if 'lsp' in s else 'full-size'} optimizer "
+                                 f"state cannot resume under a {'grad_rank' if L.lsp is not None else 'lossless'} plan; "
+                                 f"resume with the plan's grad_rank as saved")
+            if L.lsp is not None:
+                if w.numel() != L.numel or master.numel() != L.numel:
+                    raise InputError(f"checkpoint does not match the model at layer {L.name}")
+                try:
+                    L.lsp.load_state_dict(s["lsp"])
+                except ValueError as exc:
+                    raise InputError(f"checkpoint layer {L.name}: LSP state does not match the plan: {exc}") from None
+                L.home.copy_(master if L.lsp_master is None else w)
+                if L.lsp_master is not None:
+                    L.lsp_master.copy_(master)
+                continue
             want = {f"{k}.{n}" for k, shape in enumerate(L.shapes) for n in state_shapes(self.cfg, shape)}
             if w.numel() != L.numel or master.numel() != L.numel or set(st) != want:
                 raise InputError(f"checkpoint does not match the model/optimizer at layer {L.name}")
