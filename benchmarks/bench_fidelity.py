@@ -111,15 +111,6 @@ def run_all(steps: int, planner_s: float, offload_dir: str) -> tuple[HardwarePro
     return hw, runs
 
 
-def _budgeted(trace: Trace, hw: HardwareProfile) -> Trace:
-    """The executor records capacity gpu 0 for an unbudgeted device, which replay reads as a
-    0-byte device: give it the profile's device memory instead (validate.predict does the same)."""
-    cap = dict(trace.meta.get("capacity") or {})
-    if not cap.get("gpu"):
-        cap["gpu"] = hw.gpu_mem_bytes
-    return Trace(trace.events, trace.memory, {**trace.meta, "capacity": cap})
-
-
 def per_kind(runs: list[dict], profile_for) -> pd.DataFrame:
     """Measured and predicted seconds per task kind and resource, summed over every run's steady
     iterations: where the cost model is off."""
@@ -171,7 +162,7 @@ def main() -> int:
         predicted_after_s=after["predicted_s"], error_after=after["error"])
     replays = []
     for r in runs:
-        rep = replay(_budgeted(r["trace"], hw), hardware=hw)
+        rep = replay(r["trace"], hardware=hw)
         replays.append((rep.iteration_s - rep.recorded_iteration_s) / rep.recorded_iteration_s)
     table["replay_error"] = replays
 

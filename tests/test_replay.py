@@ -69,3 +69,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, zero_offload_trace, capsys, 
     assert main(["replay", str(path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_reads_and_writes_that_overlapped_in_the_trace_are_not_serialised_again():
+    """A run that overlapped SSD reads and writes (duplex) replayed on a half-duplex profile keeps
+    them overlapped: the recorded durations already are what they took while overlapped."""
+    m, t = load_model("llama2-7b"), TrainSpec(batch=1, seq_len=1024)
+    duplex = load_hardware("fuyou-4090-1ssd").replace(ssd_duplex=True)
+    res = simulate(m, t, duplex, make_policy("fuyou", m, t, duplex))
+    ev = res.trace.events
+    reads, writes = ev[ev.resource == "ssd_read"], ev[ev.resource == "ssd_write"]
+    assert any(((writes.start_s < e) & (writes.end_s > s)).any() for s, e in zip(reads.start_s, reads.end_s))
+    again = replay(res.trace, hardware=duplex.replace(ssd_duplex=False))
+    assert again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)
+
+
+def test_a_zero_device_capacity_means_no_budget():
+    """The executor records capacity gpu 0 for an unbudgeted device: replay must not read it as 0 bytes."""
+    m, t, hw = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=16), load_hardware("lsp-4090")
+    res = simulate(m, t, hw, make_policy("gpu-only", m, t, hw))
+    trace = res.trace
+    trace = Trace(trace.events, trace.memory, {**trace.meta, "capacity": {"gpu": 0, "cpu": 0, "ssd": 0}})
+    again = replay(trace)
+    assert again.result.fits and again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)

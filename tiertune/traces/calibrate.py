@@ -56,7 +56,10 @@ class Settings:
 def settings_for(device: str, quick: bool) -> Settings:
     pow2 = lambda lo, hi, step=2: tuple(1 << k for k in range(lo, hi + 1, step))   # noqa: E731
     if quick:
-        return Settings(hiddens=(128, 256), tokens=128, copy_sizes=pow2(16, 22, 3), membw_bytes=16 * MiB,
+        # Up to a 256-token x 512 x 2048 matmul and 32 MiB copies: the sizes small models' layers
+        # run at. Smaller sizes alone leave the peak to a cache-resident matmul and copy, and the
+        # simulator then misjudged layer times by 10-20% in either direction (bench_fidelity.py).
+        return Settings(hiddens=(128, 256, 512), tokens=256, copy_sizes=pow2(16, 25, 3), membw_bytes=64 * MiB,
                         ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, repeats=3, call_budget_s=0.05)
     gpu = device == "cuda"
     return Settings(hiddens=(1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048),
@@ -74,6 +77,7 @@ class Measurements:
     membw_bps: float = 0.0
     ssd: list[tuple[str, int, float]] = field(default_factory=list)          # (read|write, bytes, seconds)
     ssd_method: str = ""
+    ssd_duplex: bool = False        # a read and a write on two threads overlap
     adam_params_per_s: float = 0.0
     sgd_params_per_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -352,11 +356,40 @@ def ssd_bench(directory: Path, sizes: tuple[int, ...], repeats: int, m: Measurem
                 reads.append(_stream(path, view, size, write=False, direct=direct))
             m.ssd += [("write", size, float(np.median(writes))), ("read", size, float(np.median(reads)))]
             yield
+        m.ssd_duplex = _ssd_duplex(path, view, min(max(sizes), 64 * MiB), repeats, direct)
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         view.release()
         buf.close()
+
+
+def _ssd_duplex(path: Path, view: memoryview, size: int, repeats: int, direct: bool) -> bool:
+    """Do a read and a write on two threads overlap (the executor's ssd_read and ssd_write engines
+    are two threads)? Compares a read of `path` beside a write of a second file with the two one
+    after the other; median of repeats. The first file holds `size` bytes from the sweep."""
+    import threading
+
+    other = path.with_name(path.name + ".w")
+    wbuf = _aligned(len(view))
+    wview = memoryview(wbuf)
+    try:
+        alone, both = [], []
+        for _ in range(repeats):
+            alone.append(_stream(path, view, size, write=False, direct=direct)
+                         + _stream(other, wview, size, write=True, direct=direct))
+            t0 = time.perf_counter()
+            th = threading.Thread(target=_stream, args=(other, wview, size, True, direct))
+            th.start()
+            _stream(path, view, size, write=False, direct=direct)
+            th.join()
+            both.append(time.perf_counter() - t0)
+        return float(np.median(both)) < 0.75 * float(np.median(alone))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            other.unlink()
+        wview.release()
+        wbuf.close()
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -480,7 +513,7 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         ssd_count=1,
         ssd_read_bps=ssd_read, ssd_write_bps=ssd_write,
         ssd_capacity_bytes=ssd_capacity,
-        ssd_duplex=False,
+        ssd_duplex=m.ssd_duplex,
         ssd_efficiency=ssd_eff,
         source="calibrated",
     )

@@ -2,9 +2,10 @@
 
 The task graph is rebuilt from the plan the trace recorded (its dependencies and memory), every
 task takes the duration the trace measured for it, resources are scaled, and the engine runs the
-graph again. Tasks the trace did not record (a measured run may not split every copy the way the
-model does) keep the cost model's duration; `coverage` says how much of the graph was timed from
-the trace.
+graph again. Two resources the profile says share a link (half duplex) keep separate slots when
+the trace shows they ran at once. Tasks the trace did not record (a measured run may not split
+every copy the way the model does) keep the cost model's duration; `coverage` says how much of
+the graph was timed from the trace.
 """
 
 from __future__ import annotations
@@ -89,6 +90,39 @@ def _inputs(trace: Trace, plan: Plan | None, hardware: HardwareProfile | str | N
     return model, train, hw, plan
 
 
+def _overlap_s(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Seconds during which an event of `a` and an event of `b` both run (each side's events are
+    serial on their resource, so a sweep over the two sorted lists suffices)."""
+    a = a.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+    b = b.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
+    """Give two resources that share a slot pool in the graph (a half-duplex link) their own pools
+    when the trace shows them running at once: the machine did overlap them, and the recorded
+    durations are the durations it took while overlapped, so serialising them again would count
+    the contention twice (an executor's ssd_read and ssd_write threads on a CPU host)."""
+    ev = trace.events
+    for a, b in ((builder.H2D, builder.D2H), (builder.SSD_READ, builder.SSD_WRITE)):
+        if g.pool[b] != g.pool[a]:
+            continue
+        ea, eb = ev[ev["resource"] == RESOURCES[a]], ev[ev["resource"] == RESOURCES[b]]
+        if ea.empty or eb.empty:
+            continue
+        smaller = min((ea["end_s"] - ea["start_s"]).sum(), (eb["end_s"] - eb["start_s"]).sum())
+        if _overlap_s(ea, eb) > 0.05 * smaller:
+            g.pool[b] = b
+
+
 def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | None = None,
            hardware: HardwareProfile | str | None = None) -> ReplayResult:
     scale = dict(scale or {})
@@ -100,8 +134,9 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
     iterations = int(trace.events["iteration"].nunique())
     g = builder.build(model, train, hw, plan, iterations)
     capacity = trace.meta.get("capacity")
-    if isinstance(capacity, dict):
-        g.capacity = [int(capacity.get(t, c)) for t, c in zip(TIERS, g.capacity)]
+    if isinstance(capacity, dict):      # 0: no budget on that tier (the executor on an unbudgeted CPU)
+        g.capacity = [int(capacity.get(t) or c) for t, c in zip(TIERS, g.capacity)]
+    _pools_as_recorded(g, trace)
 
     ev = trace.events.sort_values("start_s", kind="stable")
     dur = (ev["end_s"] - ev["start_s"]).tolist()
