@@ -32,9 +32,10 @@ optimizer on the CPU, but only d x d crosses PCIe per weight matrix: after the l
 and refits per the plan's lsp_* globals, and computes S = P^T G Q (`compress`); S goes to the host
 (`grad`, in the compute dtype), the CPU runs AdamW on it in the subspace (`update`), the d x d
 update comes back (`writeback`), and the device adds P U Q^T to the weights (`decompress`) when
-the layer is next used. Vectors (norms, biases) take the same path uncompressed. Because the
-update is applied on the device, the fp32 master weights live there too (the weights themselves
-in fp32, a device copy beside bf16 ones); the CPU holds only the subspace moments.
+the layer is next used. Vectors (norms, biases) take the same path uncompressed. As in LSP, there
+is no separate fp32 master: the update is added to the device weights in their own dtype (a 7B
+model's fp32 master would not fit beside its bf16 weights on LSP's 24 GB card, and a host master
+would need the full-size update back); the CPU holds only the subspace moments.
 
 The device is CUDA or, when there is none, the CPU standing in for it through the same code: the
 same copies (memcpy in a copy thread instead of a DMA on a copy stream), the same byte budget.
@@ -153,7 +154,6 @@ class _Layer:
         self.gacc: list[torch.Tensor | None] | None = None   # device gradients (device optimizer, LSP)
         # LSP-Offload (grad_rank set): projectors on the device, subspace AdamW on the CPU
         self.lsp: LayerCompression | None = None
-        self.lsp_master: torch.Tensor | None = None   # device fp32 master weights when compute is not fp32
         self.lsp_host: dict[str, torch.Tensor] | None = None   # host copies of S until the CPU step
         self.lsp_dev: dict[str, torch.Tensor] | None = None    # device buffers the update lands in
         self.lsp_norms: list[torch.Tensor] | None = None       # full-gradient norms (for clipping)
@@ -263,9 +263,8 @@ class Executor:
             else:
                 streamed.append(L.wbytes)
             if L.lsp is not None:
-                # projectors, and the fp32 master beside non-fp32 weights (the update is applied here);
-                # gradients accumulated over micro-batches stay full-size until compressed
-                optim += L.lsp.device_bytes() + (4 * L.numel if self.dtype != torch.float32 else 0)
+                # projectors; gradients accumulated over micro-batches stay full-size until compressed
+                optim += L.lsp.device_bytes()
                 if self.train.grad_accum > 1:
                     grads += L.numel * e
             if lp.optimizer == "gpu":
@@ -303,9 +302,6 @@ class Executor:
             L.bind(L.home, self._empty)
             L.lsp.to(self.dev)
             self.meter.alloc("gpu", L.lsp.device_bytes(), f"LSP projectors of {L.name}")
-            if self.dtype != torch.float32:
-                self.meter.alloc("gpu", 4 * L.numel, f"master weights of {L.name}")
-                L.lsp_master = flat32.to(self.dev, copy=True)
             L.opt_bytes = L.lsp.state_bytes()
             self.meter.alloc("cpu", L.opt_bytes)
             return
@@ -850,11 +846,8 @@ class Executor:
         dev, it = L.lsp_apply
         L.lsp_apply = None
         wait(L.pending)
-        master = L.home if L.lsp_master is None else L.lsp_master
         with self.rec.timed("decompress", L.i, "gpu", it), torch.no_grad():
-            L.lsp.apply({n: L.view(master, k) for k, n in enumerate(L.pnames)}, dev)
-            if master is not L.home:
-                L.home.copy_(master)
+            L.lsp.apply({n: L.view(L.home, k) for k, n in enumerate(L.pnames)}, dev)
         self.meter.free("gpu", sum(nbytes(t) for t in dev.values()))
 
     def _publish(self, L: _Layer, opt: dict, it: int | None = None) -> list:
@@ -925,8 +918,7 @@ class Executor:
         out = []
         for L in self.layers:
             if L.lsp is not None:
-                flat = L.home if L.lsp_master is None else L.lsp_master
-                out.append({n: L.view(flat, k).detach().float().cpu().clone() for k, n in enumerate(L.pnames)})
+                out.append({n: L.view(L.home, k).detach().float().cpu().clone() for k, n in enumerate(L.pnames)})
                 continue
             if L.lp.optimizer == "ssd":
                 opt = self.store.read(f"opt{L.i}")
@@ -946,8 +938,7 @@ class Executor:
         layers = []
         for L in self.layers:
             if L.lsp is not None:     # subspace moments and projectors instead of full-size moments
-                master = L.home if L.lsp_master is None else L.lsp_master
-                layers.append({"w": L.home.detach().cpu().clone(), "master": master.detach().float().cpu().clone(),
+                layers.append({"w": L.home.detach().cpu().clone(), "master": L.home.detach().float().cpu().clone(),
                                "state": {}, "lsp": L.lsp.state_dict()})
                 continue
             opt = self.store.read(f"opt{L.i}") if L.lp.optimizer == "ssd" else L.opt
@@ -978,9 +969,7 @@ class Executor:
                     L.lsp.load_state_dict(s["lsp"])
                 except ValueError as exc:
                     raise InputError(f"checkpoint layer {L.name}: LSP state does not match the plan: {exc}") from None
-                L.home.copy_(master if L.lsp_master is None else w)
-                if L.lsp_master is not None:
-                    L.lsp_master.copy_(master)
+                L.home.copy_(w)
                 continue
             want = {f"{k}.{n}" for k, shape in enumerate(L.shapes) for n in state_shapes(self.cfg, shape)}
             if w.numel() != L.numel or master.numel() != L.numel or set(st) != want:
