@@ -82,6 +82,9 @@ class PlanGlobals:
             raise InputError(f"global.gpu_mem_bytes must be a positive integer or null, got {self.gpu_mem_bytes!r}")
         if not isinstance(self.lsp_refit_threshold, (int, float)) or self.lsp_refit_threshold <= 0:
             raise InputError(f"global.lsp_refit_threshold must be positive, got {self.lsp_refit_threshold!r}")
+        cap = self.max_compression_error
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap <= 1):
+            raise InputError(f"global.max_compression_error must be in (0, 1] or null, got {cap!r}")
 
 
 @dataclass(frozen=True)

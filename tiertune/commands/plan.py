@@ -21,8 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="search a per-layer offloading schedule (CP-SAT + engine)")
     add_workload_args(p)
     p.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="planner time limit (seconds)")
-    p.add_argument("--grad-rank", type=int, action="append", default=None, metavar="D",
-                   help="allow LSP gradient compression at rank D (repeatable); lossless when omitted")
+    _add_rank_args(p)
     p.add_argument("-o", "--output", default=None, help="write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_plan)
@@ -30,16 +29,28 @@ def register(sub) -> None:
     c = sub.add_parser("compare", help="every policy and the planned schedule through the simulator")
     add_workload_args(c)
     c.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="planner time limit (seconds)")
+    _add_rank_args(c)
     c.add_argument("--csv", default=None, help="write the table as CSV")
     c.add_argument("--plot", default=None, help="write a bar chart of iteration time per policy (PNG)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=run_compare)
 
 
+def _add_rank_args(p) -> None:
+    p.add_argument("--grad-rank", type=int, action="append", default=None, metavar="D",
+                   help="allow LSP gradient compression at rank D (repeatable); lossless when omitted")
+    p.add_argument("--max-compression-error", type=float, default=None, metavar="E",
+                   help="drop ranks whose estimated relative compression error exceeds E (0 < E <= 1; the "
+                        "estimate is planner/compression.py's); alone, picks among hidden/8 .. hidden")
+
+
 def _ranks(args) -> tuple[int, ...]:
     ranks = tuple(args.grad_rank or ())
     if any(r <= 0 for r in ranks):
         raise InputError(f"--grad-rank must be positive, got {ranks}")
+    cap = args.max_compression_error
+    if cap is not None and not 0 < cap <= 1:
+        raise InputError(f"--max-compression-error must be in (0, 1], got {cap}")
     return ranks
 
 
@@ -48,7 +59,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive, got {args.time_limit}")
     model, train, hw = load_workload(args)
-    res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args))
+    res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args),
+                        max_compression_error=args.max_compression_error)
     if args.output:
         res.plan.save(args.output)
     s = res.summary()
@@ -78,14 +90,14 @@ def _fmt(x, pct: bool = False) -> str:
 
 
 def compare_policies(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
-                     grad_ranks: tuple[int, ...] = ()):
+                     grad_ranks: tuple[int, ...] = (), max_compression_error: float | None = None):
     """One row per named policy plus `planner`: fits, iteration time, tokens/s, TFLOP/s, peak GiB per
     tier, bottleneck, ratio to `ideal` and to the lower bound, and why it does not fit."""
-    return comparison(model, train, hw, time_limit_s, grad_ranks)[0]
+    return comparison(model, train, hw, time_limit_s, grad_ranks, max_compression_error)[0]
 
 
 def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
-               grad_ranks: tuple[int, ...] = ()):
+               grad_ranks: tuple[int, ...] = (), max_compression_error: float | None = None):
     """`compare_policies`' table and the planner's PlanResult (None when nothing fits)."""
     import pandas as pd
 
@@ -94,11 +106,12 @@ def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_lim
     rows = []
     planned = None
     try:
-        planned = plan_schedule(model, train, hw, time_limit_s, grad_ranks=grad_ranks, baselines=base)
+        planned = plan_schedule(model, train, hw, time_limit_s, grad_ranks=grad_ranks, baselines=base,
+                                max_compression_error=max_compression_error)
         lower = planned.lower
     except InputError as exc:
         from tiertune.planner.bounds import lower_bound
-        lower = lower_bound(model, train, hw, grad_ranks=grad_ranks)
+        lower = lower_bound(model, train, hw, grad_ranks=grad_ranks)     # (the ranks as asked: a loose bound)
         planner_why = str(exc)
     ideal = next((b for b in base if b.name == "ideal" and b.fits), None)
     for b in base:
@@ -184,7 +197,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive, got {args.time_limit}")
     model, train, hw = load_workload(args)
-    df = compare_policies(model, train, hw, args.time_limit)
+    df = compare_policies(model, train, hw, args.time_limit, _ranks(args), args.max_compression_error)
     if args.csv:
         atomic_write_text(args.csv, df.to_csv(index=False))
     if args.plot:

@@ -86,7 +86,7 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
         gpu_mem += lc.weight_bytes * (1 - w) + lc.optim_bytes * (1 - o - c) + lc.act_bytes - freed_act * (ar + ao)
         cpu_mem += lc.weight_bytes * (w - sw) + lc.optim_bytes * (o - so) + lc.act_bytes * (ao - sa)
         if rank is not None:
-            cpu_mem += lc.optim_bytes * comp_p / lc.params * c
+            cpu_mem += cm.optim_state_bytes(i, rank) * c
         ssd_mem += lc.weight_bytes * sw + lc.optim_bytes * so + lc.act_bytes * sa
         t_gpu += fb + cm.recompute_s(i) * ar + cm.gpu_update_s(i) * (1 - o - c)
         if rank is not None:

@@ -42,8 +42,7 @@ def optimizer_params(cm: CostModel, i: int, lp: LayerPlan) -> int:
 
 
 def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
-    lc = cm.layers[i]
-    return int(lc.optim_bytes * optimizer_params(cm, i, lp) / max(lc.params, 1))
+    return cm.optim_state_bytes(i, lp.grad_rank)
 
 
 def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> LayerWork:

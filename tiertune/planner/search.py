@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tiertune.errors import InputError
 from tiertune.hardware import GiB, HardwareProfile
 from tiertune.planner import cpsat
 from tiertune.planner.bounds import LowerBound, lower_bound
+from tiertune.planner.compression import allowed_ranks, default_ranks
 from tiertune.planner.estimate import cost_model
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
@@ -208,17 +209,30 @@ def local_search(layers: list[LayerPlan], idx: list[int], choices: list[LayerPla
 
 def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
                   grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None,
-                  choices: list[LayerPlan] | None = None) -> PlanResult:
+                  choices: list[LayerPlan] | None = None,
+                  max_compression_error: float | None = None) -> PlanResult:
     """Search a per-layer schedule; return the best engine-verified plan with provenance.
-    `choices` narrows the per-layer options (default: every option the training settings allow)."""
+    `choices` narrows the per-layer options (default: every option the training settings allow).
+    `grad_ranks`: LSP ranks each layer may use; `max_compression_error` drops those whose estimated
+    error (planner/compression.py) exceeds it, and with no ranks given picks from default candidates."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
+    cap_notes: list[str] = []
+    rank_errors: dict[int, float] = {}
+    if max_compression_error is not None:
+        asked = tuple(grad_ranks) or default_ranks(model)
+        grad_ranks, rank_errors = allowed_ranks(model, train, asked, max_compression_error)
+        dropped = [r for r in asked if r not in grad_ranks]
+        if dropped:
+            cap_notes.append("grad_rank " + ", ".join(f"{r} (estimated error {rank_errors[r]:.2f})" for r in dropped)
+                             + f" excluded by max_compression_error {max_compression_error:g}")
     cm = cost_model(model, train, hw)
     base = baselines if baselines is not None else run_baselines(model, train, hw)
     lower = lower_bound(model, train, hw, grad_ranks=grad_ranks)
     same = [b for b in base if b.comparable(train, grad_ranks)]
     template = Plan(model=model.name, hardware=hw.name, train=train, layers=(LayerPlan(),) * len(cm.layers),
-                    globals=PlanGlobals(prefetch_depth=1), provenance={})
+                    globals=PlanGlobals(prefetch_depth=1, max_compression_error=max_compression_error),
+                    provenance={})
     score = _Scorer(model, train, hw, template)
     choices = list(choices) if choices is not None else cpsat.layer_choices(train, grad_ranks)
     groups = cpsat.groups(cm)
@@ -258,7 +272,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     # (3) the full interval model seeded with the best schedule
     solver: dict = {}
     engine_vs_solver = None
-    notes: list[str] = []
+    notes: list[str] = list(cap_notes)
     remaining = deadline - time.perf_counter()
     if remaining > 1.0:
         sol, st = cpsat.solve_intervals(cm, choices, best, hw.gpu_mem_bytes, remaining * 0.8,
@@ -295,14 +309,16 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         b = min(same, key=lambda b: b.iteration_s)
         best, (best_s, sim) = list(b.plan.layers), (b.iteration_s, b.sim)
         notes.append(f"no schedule beat baseline {b.name!r}; returning its decisions")
-        template = template.replace(globals=b.plan.globals)
+        template = template.replace(globals=replace(b.plan.globals, max_compression_error=max_compression_error))
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
     wall = time.perf_counter() - t0
     plan = template.with_layers(best).replace(provenance={
         "policy": "planner", "solver": solver, "stages": stages, "lower_bound_s": lower.bound_s,
         "lower_bound_binding": lower.binding, "engine_iteration_s": best_s, "engine_vs_solver": engine_vs_solver,
-        "wall_s": wall, "engine_evaluations": len(score.cache)})
+        "wall_s": wall, "engine_evaluations": len(score.cache),
+        **({"grad_ranks": list(grad_ranks), "rank_error_estimates": {str(r): round(e, 4) for r, e in rank_errors.items()}}
+           if rank_errors else {})})
     return PlanResult(plan=plan, sim=sim, lower=lower, baselines=base, solver=solver, stages=stages,
                       engine_vs_solver=engine_vs_solver, notes=notes, wall_s=wall, evaluations=len(score.cache),
                       grad_ranks=tuple(grad_ranks))

@@ -169,8 +169,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     ckpt = [min(c.act_checkpoint_bytes, c.act_bytes) for c in costs]
     sent_params = [cm.compressed_params(i, lp.grad_rank) if lp.grad_rank else costs[i].params
                    for i, lp in enumerate(lp_)]
-    # LSP keeps Adam moments in the projected space, so the optimizer state shrinks with the rank.
-    opt_bytes = [c.optim_bytes * sent_params[i] // max(c.params, 1) for i, c in enumerate(costs)]
+    # LSP keeps Adam moments in the projected space and no fp32 master (CostModel.optim_state_bytes).
+    opt_bytes = [cm.optim_state_bytes(i, lp.grad_rank) for i, lp in enumerate(lp_)]
     sent_bytes = [p * e for p in sent_params]
 
     res = g.resident

@@ -12,7 +12,7 @@ from tiertune.workload import LayerCost, ModelSpec, TrainSpec, layer_costs
 
 COPY_LATENCY_S = 10e-6        # per-copy launch + sync overhead (cudaMemcpyAsync class)
 SSD_LATENCY_S = 100e-6        # per-request-stream NVMe latency
-KERNEL_LATENCY_S = 20e-6      # per-layer launch overhead of a few dozen kernels
+KERNEL_LATENCY_S = 20e-6      # default per-layer launch overhead (HardwareProfile.gpu_task_overhead_s)
 # fp32 elements read or written per parameter by one optimizer step as the executor runs it
 # (tiertune/executor/updates.py: torch's single-tensor operation order, one kernel per operation).
 # AdamW: mul_ 2, lerp_ 3, mul_ 2, addcmul_ 3, sqrt 2, div 2, add_ 2, addcdiv_ 4; SGD: add_ 3.
@@ -38,23 +38,25 @@ class CostModel:
 
     def _forward_s(self, lc: LayerCost) -> float:
         if lc.kind == "embed":
-            return KERNEL_LATENCY_S + lc.act_bytes / self.hw.gpu_mem_bw_bps + \
+            return self.hw.gpu_task_overhead_s + lc.act_bytes / self.hw.gpu_mem_bw_bps + \
                 self._tokens * self.model.hidden * self.train.elem_bytes / self.hw.gpu_mem_bw_bps
         mats = sum(self._matmul_s(2.0 * self._tokens * o * i) for o, i in lc.matrices)
         other_flops = lc.fwd_flops - sum(2.0 * self._tokens * o * i for o, i in lc.matrices)
         attention = self._matmul_s(other_flops)
         elementwise = lc.act_bytes / self.hw.gpu_mem_bw_bps
-        return KERNEL_LATENCY_S + mats + attention + elementwise
+        return self.hw.gpu_task_overhead_s + mats + attention + elementwise
 
     def forward_s(self, layer: int) -> float:
         return self._fwd_s[layer]
 
     def backward_s(self, layer: int) -> float:
-        """Backward = 2x forward FLOPs (input and weight gradients); embedding backward is a scatter-add."""
+        """Backward = `backward_factor` (2 by FLOPs: input and weight gradients) x forward, the
+        task overhead apart; embedding backward is a scatter-add, as long as its forward."""
         lc = self.layers[layer]
         if lc.kind == "embed":
             return self._fwd_s[layer]
-        return 2.0 * (self._fwd_s[layer] - KERNEL_LATENCY_S) + KERNEL_LATENCY_S
+        o = self.hw.gpu_task_overhead_s
+        return self.hw.backward_factor * (self._fwd_s[layer] - o) + o
 
     def recompute_s(self, layer: int) -> float:
         return self._fwd_s[layer]
@@ -67,7 +69,7 @@ class CostModel:
         touched = 4 * UPDATE_PASSES.get(self.train.optimizer, UPDATE_PASSES["adamw"]) * lc.params
         if self.train.elem_bytes != 4:
             touched += lc.grad_bytes + lc.weight_bytes
-        return KERNEL_LATENCY_S + touched / self.hw.gpu_mem_bw_bps
+        return self.hw.update_overhead_s + KERNEL_LATENCY_S + touched / self.hw.gpu_mem_bw_bps
 
     # --- copies ------------------------------------------------------------------------------
     def h2d_s(self, nbytes: float, pinned: bool = True) -> float:
@@ -100,7 +102,7 @@ class CostModel:
         if params <= 0:
             return 0.0
         rate = self.hw.cpu_sgd_params_per_s if self.train.optimizer == "sgd" else self.hw.cpu_adam_params_per_s
-        return params / rate
+        return self.hw.update_overhead_s + params / rate
 
     def cpu_apply_s(self, params: float) -> float:
         """A CPU pass adding a dense update into `params` weights (one streaming read-modify-write,
@@ -109,10 +111,24 @@ class CostModel:
 
     # --- LSP compression ----------------------------------------------------------------------------
     def compressed_params(self, layer: int, rank: int) -> int:
-        """Elements that cross PCIe (and that CPU Adam updates) per matrix at rank d: d x d, never more than m x n."""
+        """Elements that cross PCIe (and that CPU Adam updates) per layer at rank d: min(d, m) x min(d, n)
+        per m x n matrix, as the executor sends them (a side whose dimension d reaches is the identity,
+        executor/compress.py), plus the vectors (norms, biases), which go uncompressed."""
         lc = self.layers[layer]
-        mats = sum(min(rank * rank, o * i) for o, i in lc.matrices)
-        return mats + (lc.params - sum(o * i for o, i in lc.matrices))    # vectors (norms, biases) go uncompressed
+        mats = sum(min(rank, o) * min(rank, i) for o, i in lc.matrices)
+        return mats + (lc.params - sum(o * i for o, i in lc.matrices))
+
+    def optim_state_bytes(self, layer: int, rank: int | None) -> int:
+        """Optimizer state of a layer on its optimizer tier. Lossless: fp32 master (unless the weights
+        are fp32) + moments. At grad_rank d (LSP-Offload): only the moments, in the subspace, so scaled
+        by compressed/full parameters; there is no fp32 master anywhere, since LSP adds P U Q^T to the
+        compute-dtype weights on the GPU (a 7B model's fp32 master would not fit beside its bf16 weights
+        on LSP's 24 GB card, and a host master would need the full-size update to come back)."""
+        lc = self.layers[layer]
+        if rank is None:
+            return lc.optim_bytes
+        master = 0 if self.train.dtype == "fp32" else 4 * lc.params
+        return (lc.optim_bytes - master) * self.compressed_params(layer, rank) // max(lc.params, 1)
 
     def compress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:
         """GPU time to form P^T G Q with (d, r)-sparse P, Q: reads G once, 2*m*n*r + 2*m*d*r FLOPs."""
