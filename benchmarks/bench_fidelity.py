@@ -6,8 +6,9 @@ real (tiertune.executor.run.train_plan; the CPU stands in for the GPU) and simul
 (tiertune.traces.validate.predict) on
 
   before  the profile `tiertune calibrate --quick` measures (microbenchmarks only)
-  after   that profile refit from measured traces (tiertune.traces.fit.fit_profiles), held out:
-          the profile that predicts one model's runs is fit on the other model's runs only
+  after   that profile refit from measured traces (tiertune.traces.fit.fit_profiles) of the first
+          round of runs, evaluated on the second round (other runs of the same plans); and, as
+          a harder check, fit on the other model's first-round runs only
 
 and reports per run the measured and predicted iteration time, MAPE, and Kendall's tau of the
 ranking of plans by time. It also replays each measured trace with no change
@@ -19,7 +20,7 @@ the GPU, the copy engines and the CPU optimizer get the other core, as a GPU box
 cores to them. On a shared 2-core machine, torch's second intra-op thread waits a scheduler quantum
 (~8 ms) per op whenever another process holds the other core.
 
-    .venv/bin/python benchmarks/bench_fidelity.py [--steps 5] [--threads 1] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_fidelity.py [--steps 6] [--rounds 2] [--threads 1] [--out benchmarks/results]
 
 Writes fidelity.csv and fidelity_predicted_vs_measured.{png,svg} under --out.
 """
@@ -60,7 +61,7 @@ MODELS = (
     ModelSpec(name="fid-llama", arch="llama", vocab_size=512, hidden=384, n_layers=6, n_heads=6, n_kv_heads=2,
               ffn_hidden=1024, max_seq_len=256),
     ModelSpec(name="fid-gpt2", arch="gpt", vocab_size=512, hidden=256, n_layers=8, n_heads=8, n_kv_heads=8,
-              ffn_hidden=1024, max_seq_len=256),
+              ffn_hidden=1024, max_seq_len=256, bias=True),
 )
 TRAIN = TrainSpec(batch=4, seq_len=64, dtype="fp32", optimizer="adamw")
 POLICIES = ("gpu-only", "checkpoint", "zero-offload", "fuyou", "lomo")
@@ -96,19 +97,29 @@ def plans_for(model: ModelSpec, hw: HardwareProfile, planner_s: float) -> list[t
     return out
 
 
-def run_all(steps: int, planner_s: float, offload_dir: str) -> tuple[HardwareProfile, list[dict]]:
+def run_all(steps: int, rounds: int, planner_s: float, offload_dir: str) -> tuple[HardwareProfile, list[dict]]:
+    """Calibrate, then run every (model, plan) once per round; rounds go over all runs in turn, so
+    load from other processes drifting over the minute hits every plan alike."""
     t = time.perf_counter()
     hw, _ = calibrate("cpu", quick=True, offload_dir=offload_dir, progress=False)
     print(f"calibrate --quick: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    work = [(model, label, plan, budget) for model in MODELS for label, plan, budget in plans_for(model, hw, planner_s)]
     runs = []
-    for model in MODELS:
-        for label, plan, budget in plans_for(model, hw, planner_s):
+    for rnd in range(rounds):
+        for model, label, plan, budget in work:
             t = time.perf_counter()
             res = train_plan(model, plan, steps, gpu_mem_bytes=budget, offload_dir=offload_dir, progress=False)
-            runs.append({"model": model.name, "plan": label, "trace": res.trace, "step_median_s": res.iteration_s})
-            print(f"  {model.name:<10} {label:<13} {res.trace.iteration_s() * 1e3:8.1f} ms/step "
+            runs.append({"round": rnd, "model": model.name, "plan": label, "trace": res.trace})
+            print(f"  round {rnd} {model.name:<10} {label:<13} {measured_s(res.trace) * 1e3:8.1f} ms/step "
                   f"({time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return hw, runs
+
+
+def measured_s(trace: Trace) -> float:
+    """Median gap between consecutive iteration ends after the first: one step slowed by another
+    process does not move it (the mean gap, Trace.iteration_s, is what replay reproduces)."""
+    ends = trace.iteration_ends().to_numpy(float)
+    return float(np.median(np.diff(ends))) if len(ends) > 1 else trace.iteration_s()
 
 
 def per_kind(runs: list[dict], profile_for) -> pd.DataFrame:
@@ -128,7 +139,7 @@ def evaluate(runs: list[dict], profile_for) -> pd.DataFrame:
     for r in runs:
         trace: Trace = r["trace"]
         sim = predict(trace, profile_for(r["model"]))
-        rows.append({"model": r["model"], "plan": r["plan"], "measured_s": trace.iteration_s(),
+        rows.append({"model": r["model"], "plan": r["plan"], "measured_s": measured_s(trace),
                      "predicted_s": sim.iteration_s if sim.fits else float("nan"), "sim_error": sim.error})
     df = pd.DataFrame(rows)
     df["error"] = (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
@@ -143,46 +154,63 @@ def summary(df: pd.DataFrame) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is warm-up)")
+    ap.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every plan; the first round is the fit set")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--planner-s", type=float, default=10.0, help="time limit of the planner per model")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.rounds < 2 or args.steps < 3:
+        ap.error("--rounds must be >= 2 (fit on one, evaluate on another) and --steps >= 3")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tiertune-fidelity-") as tmp:
-        hw, runs = run_all(args.steps, args.planner_s, tmp)
-    before = evaluate(runs, lambda m: hw)
-    # Held out: each model's runs are predicted by the profile fit on the other model's traces.
-    fitted = {m.name: fit_profiles([r["trace"] for r in runs if r["model"] != m.name], hw).profile for m in MODELS}
-    after = evaluate(runs, lambda m: fitted[m])
+        hw, runs = run_all(args.steps, args.rounds, args.planner_s, tmp)
+    fit_set = [r for r in runs if r["round"] == 0]
+    test_set = [r for r in runs if r["round"] > 0]
+    before = evaluate(test_set, lambda m: hw)
+    # Held out twice over: fit on the first round's runs, evaluate on the later rounds' runs;
+    # and, harder, fit on the first round's runs of the other model only.
+    fit_runs = fit_profiles([r["trace"] for r in fit_set], hw)
+    print(f"\nprofile fit on round 0 (all runs):\n{fit_runs.table()}", file=sys.stderr)
+    after = evaluate(test_set, lambda m: fit_runs.profile)
+    cross = {m.name: fit_profiles([r["trace"] for r in fit_set if r["model"] != m.name], hw).profile for m in MODELS}
+    other = evaluate(test_set, lambda m: cross[m])
     table = before[["model", "plan", "measured_s"]].assign(
         predicted_before_s=before["predicted_s"], error_before=before["error"],
-        predicted_after_s=after["predicted_s"], error_after=after["error"])
+        predicted_after_s=after["predicted_s"], error_after=after["error"],
+        error_other_model_fit=other["error"])
     replays = []
-    for r in runs:
+    for r in test_set:
         rep = replay(r["trace"], hardware=hw)
         replays.append((rep.iteration_s - rep.recorded_iteration_s) / rep.recorded_iteration_s)
     table["replay_error"] = replays
+    table = table.groupby(["model", "plan"], sort=False).median().reset_index()   # over evaluation rounds
 
-    pd.set_option("display.width", 160)
-    print(f"\nload average at start {load:.2f}, torch threads {args.threads}, {args.steps} steps per run\n")
+    pd.set_option("display.width", 200)
+    print(f"\nload average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}; torch threads {args.threads}; "
+          f"{args.steps} steps per run, {args.rounds} rounds (fit on round 0, evaluated on the rest)\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    sb, sa = summary(before), summary(after)
-    for name, s in (("before (calibrate --quick)", sb), ("after (fit on the other model's traces)", sa)):
+    for name, col in (("before (calibrate --quick)", "predicted_before_s"),
+                      ("after (fit on round 0, all runs)", "predicted_after_s")):
+        s = summary(table.rename(columns={col: "predicted_s"}))
         taus = ", ".join(f"{m} {t:.2f}" for m, t in s["tau"].items())
         print(f"{name:<42} MAPE {s['mape']:5.1f}%   Kendall tau {taus}; all runs {s['tau_all']:.2f}")
-    for name, fn in (("before", lambda m: hw), ("after", lambda m: fitted[m])):
-        print(f"\nper task kind, all runs, {name}:")
-        print(per_kind(runs, fn).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    o = summary(other.groupby(["model", "plan"], sort=False)[["measured_s", "predicted_s"]].median().reset_index())
+    print(f"{'after (fit on the other model, round 0)':<42} MAPE {o['mape']:5.1f}%   Kendall tau "
+          + ", ".join(f"{m} {t:.2f}" for m, t in o["tau"].items()) + f"; all runs {o['tau_all']:.2f}")
+    for name, fn in (("before", lambda m: hw), ("after", lambda m: fit_runs.profile)):
+        print(f"\nper task kind, evaluation runs, {name}:")
+        print(per_kind(test_set, fn).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     rep = np.abs(np.array(replays))
-    print(f"{'replay with no change':<42} |error| median {np.median(rep):.1%}, max {rep.max():.1%} "
+    print(f"\n{'replay with no change':<42} |error| median {np.median(rep):.1%}, max {rep.max():.1%} "
           f"({int((rep <= 0.05).sum())} of {len(rep)} within 5%)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "fidelity.csv", index=False)
-    pv = after.assign(label=after["model"].str.replace("fid-", "") + " " + after["plan"])
+    pv = table.assign(label=table["model"].str.replace("fid-", "") + " " + table["plan"],
+                      predicted_s=table["predicted_after_s"])
     files = plots.save(plots.predicted_vs_measured(pv), out / "fidelity_predicted_vs_measured")
     print(f"wrote {out / 'fidelity.csv'}, {', '.join(map(str, files))} in {time.perf_counter() - t0:.0f} s")
     return 0

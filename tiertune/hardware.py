@@ -79,6 +79,16 @@ class HardwareProfile:
     # Device bytes taken before the first tensor: a CUDA context with cuBLAS handles and allocator
     # slack (~300-500 MiB in nvidia-smi on current drivers; the low end), none for a CPU standing in.
     gpu_reserve_bytes: int = 300 << 20
+    # Fixed cost of one layer's compute task (forward, recompute, backward): launching its few
+    # dozen kernels on a GPU (~20 us); on a CPU standing in, torch's per-op dispatch and the
+    # module calls (~0.1-0.3 ms). Calibrated by timing a tiny layer; refit from traces.
+    gpu_task_overhead_s: float = 20e-6
+    # A layer's backward time over its forward time (overhead apart): 2 by FLOPs (input and weight
+    # gradients); measured nearer 1.8 on a CPU. Refit from traces.
+    backward_factor: float = 2.0
+    # Fixed cost of one layer's optimizer update: the executor updates parameter by parameter, a
+    # handful of elementwise ops each. 0 for presets (fused multi-tensor optimizers); calibrated.
+    update_overhead_s: float = 0.0
     source: str = "preset"              # preset | calibrated | file path
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -139,6 +149,8 @@ class HardwareProfile:
             f"memory_gib = {self.gpu_mem_bytes / GiB:.6g}",
             f"memory_bw_gbps = {self.gpu_mem_bw_bps / GB:.6g}",
             f"reserve_mib = {self.gpu_reserve_bytes / (1 << 20):.6g}",
+            f"task_overhead_us = {self.gpu_task_overhead_s * 1e6:.6g}",
+            f"backward_factor = {self.backward_factor:.6g}",
             f"tflops = {{ {flops} }}",
             f"matmul_efficiency = {curve(self.matmul_efficiency)}",
             "", "[pcie]",
@@ -154,6 +166,7 @@ class HardwareProfile:
             f"adam_gparams_per_s = {self.cpu_adam_params_per_s / 1e9:.6g}",
             f"sgd_gparams_per_s = {self.cpu_sgd_params_per_s / 1e9:.6g}",
             f"workers = {self.cpu_workers}",
+            f"update_overhead_us = {self.update_overhead_s * 1e6:.6g}",
             "", "[ssd]",
             f"count = {self.ssd_count}",
             f"read_gbps = {self.ssd_read_bps / GB:.6g}",
@@ -206,6 +219,9 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         gpu_flops={k: float(v) * 1e12 for k, v in tflops.items()},
         matmul_efficiency=_curve(d["gpu"].get("matmul_efficiency", [[0, 0.7]]), "gpu.matmul_efficiency"),
         gpu_reserve_bytes=int(get("gpu", "reserve_mib", float, 300.0) * (1 << 20)),
+        gpu_task_overhead_s=get("gpu", "task_overhead_us", float, 20.0) * 1e-6,
+        backward_factor=get("gpu", "backward_factor", float, 2.0),
+        update_overhead_s=get("cpu", "update_overhead_us", float, 0.0) * 1e-6,
         h2d_bps=get("pcie", "h2d_gbps") * GB,
         d2h_bps=get("pcie", "d2h_gbps") * GB,
         pcie_duplex=bool(d.get("pcie", {}).get("duplex", True)),

@@ -80,6 +80,8 @@ class Measurements:
     ssd_duplex: bool = False        # a read and a write on two threads overlap
     adam_params_per_s: float = 0.0
     sgd_params_per_s: float = 0.0
+    task_overhead_s: float = 0.0        # one tiny layer's forward: dispatch, not arithmetic
+    update_overhead_s: float = 0.0      # one tiny layer's optimizer update
     notes: list[str] = field(default_factory=list)
 
 
@@ -285,6 +287,38 @@ class Bench:
         self.m.notes.append(f"CPU adamw/sgd: the executor's per-parameter update on {torch.get_num_threads()} threads")
 
 
+    def overheads(self) -> None:
+        """The fixed costs the cost model adds per layer task and per layer update, measured on a
+        layer so small (tiny-llama's block, 1 x 8 tokens) that its arithmetic is negligible:
+        a forward with autograd recording (as the executor runs it) and the executor's AdamW
+        update of that layer's parameters, parameter by parameter."""
+        from tiertune.executor.models import build_model
+        from tiertune.executor.updates import OptimConfig, state_shapes
+        from tiertune.executor.updates import step as optim_step
+        from tiertune.workload import load_model
+
+        torch = self.torch
+        block = build_model(load_model("tiny-llama"), 0)[1].to(self.device)
+        x = torch.randn(1, 8, block_hidden(block), device=self.device)
+        self.m.task_overhead_s = self.time(lambda: block(x), budget_s=1.0)
+        cfg = OptimConfig(name="adamw", lr=1e-4)
+        params = [p.detach().clone() for p in block.parameters()]
+        grads = [torch.randn_like(p) for p in params]
+        states = [{k: torch.zeros(sh, device=self.device) for k, sh in state_shapes(cfg, p.shape).items()} for p in params]
+        counter = iter(range(1, 1 << 30))
+
+        def update() -> None:
+            t = next(counter)
+            for p, g, st in zip(params, grads, states):
+                optim_step(cfg, t, p, g, st)
+        self.m.update_overhead_s = self.time(update, budget_s=1.0)
+
+
+def block_hidden(block) -> int:
+    """The hidden size a built-in block takes (its first parameter's last dimension)."""
+    return next(block.parameters()).shape[-1]
+
+
 # --- SSD ------------------------------------------------------------------------------------------------
 def _aligned(nbytes: int) -> mmap.mmap:
     """An anonymous mapping: page-aligned, as O_DIRECT requires."""
@@ -441,6 +475,7 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
             ssd_capacity = shutil.disk_usage(where).free
         bar.set_postfix_str("cpu optimizers")
         bench.optimizers()
+        bench.overheads()
         bar.update()
     return build_profile(m, device, duplex, ssd_capacity, device_mem_gib, name, bench), m
 
@@ -501,6 +536,8 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         gpu_flops=peaks,
         matmul_efficiency=matmul_eff,
         gpu_reserve_bytes=(300 << 20) if device == "cuda" else 0,   # a CUDA context; none on a CPU
+        gpu_task_overhead_s=m.task_overhead_s,
+        update_overhead_s=m.update_overhead_s,
         h2d_bps=h2d_bps, d2h_bps=d2h_bps, pcie_duplex=duplex,
         pageable_factor=round(min(max(pageable, 0.01), 1.0), 4),
         pcie_efficiency=pcie_eff,

@@ -4,11 +4,12 @@ Microbenchmarks alone under-predict (DESIGN.md); FlexGen fits its constants to r
 each constant the cost model (tiertune/simulator/costs.py) reads is refit by least squares from
 the durations of the trace's tasks, grouped by resource and task kind:
 
-- gpu `forward` / `backward` / `recompute` with flops > 0: one scale on the peak FLOP/s of the
-  trace's dtype (the efficiency table keeps its shape). When the trace's meta carries the model
-  and training settings, the run's own cost model splits each prediction into the part the peak
-  scales (matmuls) and the part it does not (kernel latency, elementwise work); otherwise the
-  event is taken as KERNEL_LATENCY_S + flops / (peak * matmul_eff(flops)).
+- gpu `forward` / `backward` / `recompute`: the per-task overhead (an intercept), one scale on
+  the peak FLOP/s of the trace's dtype (the efficiency table keeps its shape) and the backward
+  factor (backward / forward). When the trace's meta carries the model and training settings,
+  the run's own cost model splits each prediction into the part the peak scales (matmuls) and
+  the part it does not (elementwise work); otherwise an event with flops > 0 is taken as
+  overhead + flops / (peak * matmul_eff(flops)).
 - `h2d` / `d2h` (and `ssd_read` / `ssd_write`) events with bytes > 0: duration = latency +
   bytes / bandwidth, with one bandwidth per direction and a latency shared by the link. The cost
   model's latency is a fixed constant, so a fitted latency that differs is folded into a refit
@@ -20,7 +21,8 @@ the durations of the trace's tasks, grouped by resource and task kind:
 - cpu `update`: params/s. Convention: an `update` event's bytes are the fp32 bytes of the
   parameters it updated, so params = bytes / 4; an event with no bytes (the executor records
   none) counts its layer's parameters, from the cost model of the trace's run. The rate refit is AdamW's, or SGD's
-  when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too).
+  when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too), and the
+  fixed cost per update when the updates come in several sizes.
 
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
 ones. A group with fewer than `min_events` events is skipped, and the table says so.
@@ -35,7 +37,7 @@ import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.hardware import GB, Curve, HardwareProfile
-from tiertune.simulator.costs import COPY_LATENCY_S, KERNEL_LATENCY_S, SSD_LATENCY_S
+from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
 from tiertune.traces.trace import Trace
 
 MIN_EVENTS = 3
@@ -105,46 +107,99 @@ def _compute_model(trace: Trace, hw: HardwareProfile, dtype: str):
         return None
 
 
-def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None):
-    """(events, x, y, d, how) of one trace's compute events: duration d = slowdown * x + (d - y), x the
-    matmul seconds at the base peak. With the run's cost model, each event's prediction is split
-    into its matmul part (which the peak scales) and its fixed part (kernel latency, elementwise
-    work at memory bandwidth), so refitting a trace the simulator made returns the same profile;
-    without it, the event's FLOPs at the table's efficiency are taken as all matmul."""
-    sel = ev[(ev["resource"] == "gpu") & ev["kind"].isin(COMPUTE_KINDS) & (ev["flops"] > 0)]
-    peak = hw.peak_flops(dtype)
-    d = sel["duration_s"].to_numpy(float)
-    mult = np.where(sel["kind"].to_numpy() == "backward", 2.0, 1.0)      # backward = 2x forward
-    if cm is not None and sel["layer"].between(0, len(cm.layers) - 1).all():
-        fixed = np.array([cm.layers[i].act_bytes / hw.gpu_mem_bw_bps for i in sel["layer"]])
-        matmul = np.array([cm.forward_s(i) - KERNEL_LATENCY_S for i in sel["layer"]]) - fixed
-        keep = matmul > 0
-        sel, d, mult, fixed, matmul = sel[keep], d[keep], mult[keep], fixed[keep], matmul[keep]
-        return sel, mult * matmul, d - KERNEL_LATENCY_S - mult * fixed, d, f"via the cost model of {cm.model.name}"
-    flops = sel["flops"].to_numpy(float)
-    x = flops / np.array([hw.matmul_efficiency.at(f) for f in flops]) / peak
-    return sel, x, d - KERNEL_LATENCY_S, d, "from FLOPs"
+@dataclass
+class ComputeRows:
+    """One trace's compute events as rows of the linear model the cost model implies:
+    duration = overhead + scale * m + e, where `m` is the task's matmul seconds at the base profile
+    (forward-equivalent: a backward's is its forward's) and `e` the part no constant here scales
+    (elementwise work at memory bandwidth, times the base backward factor for a backward). For a
+    backward, scale = backward_factor / peak-scale; for a forward or recompute, 1 / peak-scale."""
+
+    events: pd.DataFrame
+    backward: np.ndarray             # bool: the row is a backward (scaled by the backward factor)
+    m: np.ndarray
+    e: np.ndarray
+    how: str
 
 
-def _fit_compute(samples: list[tuple], hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
-    """One scale on the dtype's peak, by least squares over the compute events of every trace."""
+def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None) -> ComputeRows:
+    """With the run's cost model (trace meta names the model and training settings) each event's
+    prediction splits exactly into overhead, matmul and elementwise parts, so refitting a trace the
+    simulator made returns the same profile, and layers without matmuls (the embedding) pin the
+    overhead; without it, an event's FLOPs at the table's efficiency are taken as all matmul."""
+    gpu = ev[(ev["resource"] == "gpu") & ev["kind"].isin(COMPUTE_KINDS)]
+    o = hw.gpu_task_overhead_s
+    if cm is not None and len(gpu) and gpu["layer"].between(0, len(cm.layers) - 1).all():
+        embed = gpu["layer"].map(lambda i: cm.layers[int(i)].kind == "embed").to_numpy(bool)
+        back = (gpu["kind"].to_numpy() == "backward") & ~embed        # embedding backward = its forward
+        e = np.array([cm.layers[int(i)].act_bytes / hw.gpu_mem_bw_bps for i in gpu["layer"]])
+        m = np.array([cm.forward_s(int(i)) - o for i in gpu["layer"]]) - e
+        m = np.where(embed, 0.0, m)
+        e = np.where(embed, np.array([cm.forward_s(int(i)) - o for i in gpu["layer"]]), e)
+        keep = m >= 0
+        return ComputeRows(gpu[keep], back[keep], m[keep], np.where(back, hw.backward_factor, 1.0)[keep] * e[keep],
+                           f"via the cost model of {cm.model.name}")
+    sel = gpu[gpu["flops"] > 0]
+    back = sel["kind"].to_numpy() == "backward"
+    fwd_flops = sel["flops"].to_numpy(float) / np.where(back, 2.0, 1.0)   # backward events count 2x forward FLOPs
+    m = fwd_flops / np.array([hw.matmul_efficiency.at(f) for f in fwd_flops]) / hw.peak_flops(dtype)
+    return ComputeRows(sel, back, m, np.zeros(len(sel)), "from FLOPs")
+
+
+def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
+    """Least squares over the compute events of every trace for the task overhead, the dtype's peak
+    (one scale: the efficiency table keeps its shape) and the backward factor. The overhead is
+    kept when the rows cannot separate it from the scale (one task size), the backward factor
+    when there are no backward events."""
     peak = hw.peak_flops(dtype)
     name = f"gpu {dtype} peak"
-    sel = pd.concat([s[0] for s in samples]) if samples else pd.DataFrame(columns=["kind"])
-    x, y, d = (np.concatenate([s[k] for s in samples]) if samples else np.zeros(0) for k in (1, 2, 3))
-    how = "; ".join(sorted({s[4] for s in samples}))
-    counts = sel.groupby("kind").size().to_dict()
+    sel = pd.concat([s.events for s in samples]) if samples else pd.DataFrame(columns=["kind"])
+    back, m, e = (np.concatenate([getattr(s, k) for s in samples]) if samples else np.zeros(0)
+                  for k in ("backward", "m", "e"))
+    back = back.astype(bool)
+    d = sel["duration_s"].to_numpy(float) if len(sel) else np.zeros(0)
+    how = "; ".join(sorted({s.how for s in samples}))
+    counts = sel.groupby("kind").size().to_dict() if len(sel) else {}
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
-    if len(sel) < min_events:
+    if len(sel) < min_events or not (m > 0).any():
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel),
-                           f"skipped: {len(sel)} compute events (< {min_events}); kinds: {by_kind}")]
-    slowdown = relative_lstsq(x[:, None], y, d)[0]
-    if slowdown <= 0:
+                           f"skipped: {len(sel)} compute events (< {min_events}) or no matmul work; kinds: {by_kind}")]
+    cols = {"fwd": np.where(back, 0.0, m), "bwd": np.where(back, m, 0.0)}
+    if not back.any():
+        cols.pop("bwd")
+    sizes = len(np.unique(np.round(m[m > 0] / m[m > 0].max(), 3))) + int((m == 0).any())
+    overhead = hw.gpu_task_overhead_s
+    fit_overhead = sizes >= 2
+    y = d - e
+    coef = None
+    if fit_overhead:
+        X = np.column_stack([np.ones_like(d), *cols.values()])
+        coef = relative_lstsq(X, y, d)
+        if coef[0] < 0:                      # noise pushed the intercept below zero: pin it there
+            coef = None
+            overhead = 0.0
+        else:
+            overhead, coef = float(coef[0]), coef[1:]
+    if coef is None:
+        coef = relative_lstsq(np.column_stack(list(cols.values())), y - overhead, d)
+    scales = dict(zip(cols, coef))
+    if scales["fwd"] <= 0:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")]
-    new_peak = peak / slowdown
-    return ({"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})},
-            [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel),
-                    f"scale x{new_peak / peak:.3g} {how}; {by_kind}")])
+    new_peak = peak / scales["fwd"]
+    changes: dict = {"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})}
+    rows = [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g} {how}; {by_kind}")]
+    if fit_overhead:
+        changes["gpu_task_overhead_s"] = overhead
+        rows.append(FitRow("gpu task overhead", "us", hw.gpu_task_overhead_s * 1e6, overhead * 1e6, len(sel),
+                           "intercept per layer task"))
+    else:
+        rows.append(FitRow("gpu task overhead", "us", hw.gpu_task_overhead_s * 1e6, None, len(sel),
+                           "kept: one task size, overhead and peak not separable"))
+    if "bwd" in scales and scales["bwd"] > 0:
+        factor = scales["bwd"] / scales["fwd"]
+        changes["backward_factor"] = factor
+        rows.append(FitRow("backward factor", "x fwd", hw.backward_factor, factor, int(back.sum()), ""))
+    return changes, rows
 
 
 # --- transfers -------------------------------------------------------------------------------------------
@@ -252,7 +307,8 @@ def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
 
 
 def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int) -> tuple[dict, list[FitRow]]:
-    """`ev` carries a `params` column (see _update_params)."""
+    """params/s and, where updates of several sizes separate them, the fixed cost per update.
+    `ev` carries a `params` column (see _update_params)."""
     attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
     name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
     before = getattr(hw, attr)
@@ -261,11 +317,24 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
         return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")]
     params = sel["params"].to_numpy(float)
     d = sel["duration_s"].to_numpy(float)
-    inv_rate = relative_lstsq(params[:, None], d, d)[0]     # the cost model has no update latency
+    overhead = hw.update_overhead_s
+    fitted_overhead = False
+    if params.max() >= 2 * params.min():
+        c0, inv = relative_lstsq(np.column_stack([np.ones_like(d), params]), d, d)
+        if c0 >= 0:
+            overhead, inv_rate, fitted_overhead = float(c0), float(inv), True
+    if not fitted_overhead:
+        inv_rate = relative_lstsq(params[:, None], d - overhead, d)[0]
     if inv_rate <= 0:
         return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")]
-    return {attr: 1.0 / inv_rate}, [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
-                                           "params = bytes / 4, or the layer's from the cost model")]
+    changes = {attr: 1.0 / inv_rate}
+    rows = [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
+                   "params = bytes / 4, or the layer's from the cost model")]
+    if fitted_overhead:
+        changes["update_overhead_s"] = overhead
+    rows.append(FitRow("update overhead", "us", hw.update_overhead_s * 1e6, overhead * 1e6 if fitted_overhead else None,
+                       len(sel), "intercept per layer update" if fitted_overhead else "kept: one update size or a negative intercept"))
+    return changes, rows
 
 
 # --- driver -------------------------------------------------------------------------------------------------
