@@ -211,3 +211,45 @@ def test_trace_without_hardware_or_events_exits_2(tmp_path, capsys):
         ["calibrate", "--from-trace", str(p), "--profile", BASE, "-o", str(tmp_path / "f.toml")], capsys)
     tr.save(p)
     _fails_with_one_line(["calibrate", "--from-trace", str(p), "--profile", "no-such-preset", "-o", str(tmp_path / "f.toml")], capsys)
+
+
+def test_fit_recovers_task_overhead_backward_factor_and_update_overhead():
+    """Durations from a cost model whose profile has a CPU-like per-task overhead, backward factor
+    and per-update overhead: fitting the base profile to them recovers all three and the peak."""
+    from tiertune.simulator.costs import CostModel
+    from tiertune.workload import TrainSpec, load_model
+
+    base = load_hardware(BASE)
+    truth_hw = base.replace(gpu_flops=dict(base.gpu_flops, bf16=TRUE["peak"]), gpu_task_overhead_s=300e-6,
+                            backward_factor=1.8, update_overhead_s=500e-6, cpu_adam_params_per_s=TRUE["adam"])
+    model, train = load_model("small-llama"), TrainSpec(batch=4, seq_len=64, dtype="bf16")
+    truth = CostModel(model, train, truth_hw)
+    events, t = [], 0.0
+
+    def add(kind, layer, res, secs):
+        nonlocal t
+        events.append({"source": "measured", "iteration": 0, "task": f"{kind}{layer}-{len(events)}", "kind": kind,
+                       "layer": layer, "resource": res, "start_s": t, "end_s": t + secs, "bytes": 0,
+                       "flops": truth.layers[layer].fwd_flops})
+        t += secs
+    for layer in range(len(truth.layers)):
+        add("forward", layer, "gpu", truth.forward_s(layer))
+        add("backward", layer, "gpu", truth.backward_s(layer))
+        add("update", layer, "cpu", truth.cpu_update_s(truth.layers[layer].params))
+    meta = {"model_spec": model.to_dict(), "train": train.to_dict()}
+    hw = fit_profile(Trace.from_records(events, meta=meta), base).profile
+    assert hw.gpu_flops["bf16"] == pytest.approx(TRUE["peak"], rel=1e-3)
+    assert hw.gpu_task_overhead_s == pytest.approx(300e-6, rel=1e-3)
+    assert hw.backward_factor == pytest.approx(1.8, rel=1e-3)
+    assert hw.update_overhead_s == pytest.approx(500e-6, rel=1e-3)
+    assert hw.cpu_adam_params_per_s == pytest.approx(TRUE["adam"], rel=1e-3)
+    again = load_hardware_text(hw.to_toml())
+    assert (again.gpu_task_overhead_s, again.backward_factor, again.update_overhead_s) == pytest.approx(
+        (hw.gpu_task_overhead_s, hw.backward_factor, hw.update_overhead_s), rel=1e-4)
+
+
+def load_hardware_text(text: str):
+    import tomllib
+
+    from tiertune.hardware import profile_from_dict
+    return profile_from_dict(tomllib.loads(text))

@@ -111,9 +111,9 @@ def _compute_model(trace: Trace, hw: HardwareProfile, dtype: str):
 class ComputeRows:
     """One trace's compute events as rows of the linear model the cost model implies:
     duration = overhead + scale * m + e, where `m` is the task's matmul seconds at the base profile
-    (forward-equivalent: a backward's is its forward's) and `e` the part no constant here scales
-    (elementwise work at memory bandwidth, times the base backward factor for a backward). For a
-    backward, scale = backward_factor / peak-scale; for a forward or recompute, 1 / peak-scale."""
+    (forward-equivalent: a backward's is its forward's) and `e` the part the peak does not scale
+    (elementwise work at memory bandwidth; a backward's is its forward's, times the backward
+    factor). For a backward, scale = backward_factor / peak-scale; otherwise 1 / peak-scale."""
 
     events: pd.DataFrame
     backward: np.ndarray             # bool: the row is a backward (scaled by the backward factor)
@@ -137,8 +137,7 @@ def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None)
         m = np.where(embed, 0.0, m)
         e = np.where(embed, np.array([cm.forward_s(int(i)) - o for i in gpu["layer"]]), e)
         keep = m >= 0
-        return ComputeRows(gpu[keep], back[keep], m[keep], np.where(back, hw.backward_factor, 1.0)[keep] * e[keep],
-                           f"via the cost model of {cm.model.name}")
+        return ComputeRows(gpu[keep], back[keep], m[keep], e[keep], f"via the cost model of {cm.model.name}")
     sel = gpu[gpu["flops"] > 0]
     back = sel["kind"].to_numpy() == "backward"
     fwd_flops = sel["flops"].to_numpy(float) / np.where(back, 2.0, 1.0)   # backward events count 2x forward FLOPs
@@ -168,20 +167,31 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
     if not back.any():
         cols.pop("bwd")
     sizes = len(np.unique(np.round(m[m > 0] / m[m > 0].max(), 3))) + int((m == 0).any())
-    overhead = hw.gpu_task_overhead_s
     fit_overhead = sizes >= 2
-    y = d - e
-    coef = None
-    if fit_overhead:
-        X = np.column_stack([np.ones_like(d), *cols.values()])
-        coef = relative_lstsq(X, y, d)
-        if coef[0] < 0:                      # noise pushed the intercept below zero: pin it there
-            coef = None
-            overhead = 0.0
+
+    def solve(factor: float) -> tuple[float, np.ndarray]:
+        """(overhead, scales) with a backward's elementwise part taken at `factor`."""
+        y = d - np.where(back, factor, 1.0) * e
+        if fit_overhead:
+            coef = relative_lstsq(np.column_stack([np.ones_like(d), *cols.values()]), y, d)
+            if coef[0] >= 0:
+                return float(coef[0]), coef[1:]
+            o = 0.0                            # noise pushed the intercept below zero: pin it there
         else:
-            overhead, coef = float(coef[0]), coef[1:]
-    if coef is None:
-        coef = relative_lstsq(np.column_stack(list(cols.values())), y - overhead, d)
+            o = hw.gpu_task_overhead_s
+        return o, relative_lstsq(np.column_stack(list(cols.values())), y - o, d)
+
+    # The backward factor scales a backward's elementwise part too, which makes the model bilinear;
+    # a few fixed-point rounds (solve at a factor, take the factor found) settle it.
+    factor = hw.backward_factor
+    for _ in range(8):
+        overhead, coef = solve(factor)
+        if "bwd" not in cols or coef[0] <= 0 or coef[-1] <= 0:
+            break
+        new = float(coef[-1] / coef[0])
+        if abs(new - factor) < 1e-9 * factor:
+            break
+        factor = new
     scales = dict(zip(cols, coef))
     if scales["fwd"] <= 0:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")]
