@@ -59,7 +59,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive, got {args.time_limit}")
     model, train, hw = load_workload(args)
-    res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args),
+    res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args), log=_stderr,
                         max_compression_error=args.max_compression_error)
     if args.output:
         res.plan.save(args.output)
@@ -81,6 +81,10 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _fmt(x, pct: bool = False) -> str:

@@ -10,6 +10,8 @@ numbers decide. If nothing fits, InputError names the smallest GPU budget that w
 
 from __future__ import annotations
 
+from typing import Callable
+
 import itertools
 import math
 import time
@@ -210,7 +212,8 @@ def local_search(layers: list[LayerPlan], idx: list[int], choices: list[LayerPla
 def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
                   grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None,
                   choices: list[LayerPlan] | None = None,
-                  max_compression_error: float | None = None) -> PlanResult:
+                  max_compression_error: float | None = None,
+                  log: Callable[[str], None] | None = None) -> PlanResult:
     """Search a per-layer schedule; return the best engine-verified plan with provenance.
     `choices` narrows the per-layer options (default: every option the training settings allow).
     `grad_ranks`: LSP ranks each layer may use; `max_compression_error` drops those whose estimated
@@ -237,6 +240,13 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     choices = list(choices) if choices is not None else cpsat.layer_choices(train, grad_ranks)
     groups = cpsat.groups(cm)
     stages: list[dict] = []
+
+    def stage(d: dict) -> None:
+        stages.append(d)
+        if log is not None:        # long searches show progress (the CLI prints to stderr)
+            best_s = d.get("iteration_s", d.get("objective_s"))
+            log(f"[plan] {d.get('stage', 'cp-sat')}: {d.get('status', '')} "
+                f"{'' if best_s is None else f'{best_s:.4g} s '}after {time.perf_counter() - t0:.1f} s")
     seeds: list[list[LayerPlan]] = []
     for b in sorted(same, key=lambda b: b.iteration_s):
         if b.plan.globals.prefetch_depth == 1 and all(lp in choices for lp in b.plan.layers):
@@ -244,7 +254,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     # (1) count model, placed by rule
     counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, 1, min(5.0, 0.1 * time_limit_s),
                                     hint=seeds[0] if seeds else None)
-    stages.append(st.to_dict())
+    stage(st.to_dict())
     if counts is not None:
         seeds.append(cpsat.place(cm, choices, counts))
     # the count model's memory rows are approximate: the leanest uniform layout is always a candidate
@@ -257,17 +267,17 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     if len(choices) ** len(cm.layers) <= EXACT_LIMIT:
         t1 = time.perf_counter()
         start = min(itertools.product(choices, repeat=len(cm.layers)), key=score)
-        stages.append({"stage": "enumerate", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
+        stage({"stage": "enumerate", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
                        "iteration_s": score(start)})
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
     best = descend(start, choices, score, groups, t0 + 0.4 * time_limit_s)
-    stages.append({"stage": "descent", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
+    stage({"stage": "descent", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
                    "iteration_s": score(best)})
     # (2b) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
     t1 = time.perf_counter()
     best = local_search(best, list(range(len(best))), choices, score, t0 + 0.6 * time_limit_s)
-    stages.append({"stage": "local", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
+    stage({"stage": "local", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
                    "iteration_s": score(best)})
     # (3) the full interval model seeded with the best schedule
     solver: dict = {}
@@ -278,7 +288,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         sol, st = cpsat.solve_intervals(cm, choices, best, hw.gpu_mem_bytes, remaining * 0.8,
                                         template.globals.lsp_nnz_per_row, fallback_seeds=tuple(seeds[:1]))
         solver = st.to_dict()
-        stages.append(solver)
+        stage(solver)
         if sol is not None:
             changed = [i for i, (x, y) in enumerate(zip(sol, best)) if x != y]
             sol_s = score(sol)
