@@ -84,7 +84,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress for a person watching (like tqdm's bars, only on a terminal): piped stderr keeps
+    the one-line-error contract."""
+    if sys.stderr.isatty():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _fmt(x, pct: bool = False) -> str:
