@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from tiertune.cli import main
@@ -68,14 +67,12 @@ def synthetic_trace(noise: float = 0.01, seed: int = 0, update_events: int = 40)
     rng = np.random.default_rng(seed)
     base = load_hardware(BASE)
     clock = dict.fromkeys(("gpu", "h2d", "d2h", "ssd_read", "ssd_write", "cpu"), 0.0)
-    # the two directions of a half-duplex link share one clock: a run on it never overlaps them
-    lane = {"d2h": "d2h" if base.pcie_duplex else "h2d", "ssd_write": "ssd_write" if base.ssd_duplex else "ssd_read"}
     events = []
 
     def add(kind, res, secs, nbytes=0, flops=0.0):
         secs *= 1 + rng.uniform(-noise, noise)
-        start = clock[lane.get(res, res)]
-        clock[lane.get(res, res)] = start + secs
+        start = clock[res]
+        clock[res] = start + secs
         events.append({"source": "measured", "iteration": 0, "task": f"{kind}-{len(events)}", "kind": kind,
                        "layer": len(events) % 8, "resource": res, "start_s": start, "end_s": start + secs,
                        "bytes": int(nbytes), "flops": float(flops)})
@@ -256,14 +253,3 @@ def load_hardware_text(text: str):
 
     from tiertune.hardware import profile_from_dict
     return profile_from_dict(tomllib.loads(text))
-
-
-def test_transfers_that_overlapped_the_other_direction_of_a_half_duplex_link_are_not_fitted():
-    from tiertune.traces.fit import _uncontended
-
-    rows = [("h2d", 0.0, 1.0), ("d2h", 0.5, 1.5), ("h2d", 2.0, 3.0), ("d2h", 3.5, 4.0), ("ssd_read", 0.0, 9.0)]
-    ev = pd.DataFrame([{"resource": r, "start_s": s, "end_s": e} for r, s, e in rows])
-    half = load_hardware(BASE).replace(pcie_duplex=False)
-    kept = _uncontended(ev, half)
-    assert list(zip(kept.resource, kept.start_s)) == [("h2d", 2.0), ("d2h", 3.5), ("ssd_read", 0.0)]
-    assert len(_uncontended(ev, half.replace(pcie_duplex=True))) == len(ev)

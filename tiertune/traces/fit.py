@@ -17,9 +17,7 @@ the durations of the trace's tasks, grouped by resource and task kind:
   fit; both directions share one table, so where their bandwidths differ it is a least-squares
   compromise, and small transfers can be off by ~20% until the cost model takes a latency from the
   profile). With a single transfer size latency and bandwidth cannot be told apart: the bandwidth
-  is fit with the cost model's latency and the table kept. Copies are taken as pinned. On a
-  half-duplex link only transfers that did not overlap one the other way are fitted (the
-  simulator serialises the two; a contended duration would count the contention twice).
+  is fit with the cost model's latency and the table kept. Copies are taken as pinned.
 - cpu `update`: params/s. Convention: an `update` event's bytes are the fp32 bytes of the
   parameters it updated, so params = bytes / 4; an event with no bytes (the executor records
   none) counts its layer's parameters, from the cost model of the trace's run. The rate refit is AdamW's, or SGD's
@@ -237,31 +235,6 @@ def _table_sizes(sizes: np.ndarray) -> np.ndarray:
     return np.unique(np.geomspace(uniq[0], uniq[-1], MAX_TABLE_POINTS))
 
 
-def _uncontended(ev: pd.DataFrame, hw: HardwareProfile) -> pd.DataFrame:
-    """One trace's events without the transfers that overlapped a transfer the other way on a
-    half-duplex link (the profile says h2d/d2h, or SSD read/write, share it). The simulator
-    serialises those; a duration recorded while both ran (an executor's two copy threads on a CPU,
-    reads beside writes on one SSD) is the shared speed, and fitting the link to it would count the
-    contention twice."""
-    drop = np.zeros(len(ev), dtype=bool)
-    pairs = [(a, b) for (a, b), duplex in ((("h2d", "d2h"), hw.pcie_duplex), (("ssd_read", "ssd_write"), hw.ssd_duplex))
-             if not duplex]
-    start, end, res = ev["start_s"].to_numpy(float), ev["end_s"].to_numpy(float), ev["resource"].to_numpy()
-    for a, b in pairs:
-        for me, other in ((a, b), (b, a)):
-            mine, theirs = np.flatnonzero(res == me), np.flatnonzero(res == other)
-            if len(mine) == 0 or len(theirs) == 0:
-                continue
-            order = theirs[np.argsort(start[theirs])]
-            t_start, t_end = start[order], np.maximum.accumulate(end[order])
-            # an event of `me` overlaps one of `other` when some other starts before it ends and
-            # ends after it starts: among those starting before my end, the latest end decides
-            k = np.searchsorted(t_start, end[mine], side="left") - 1
-            latest = np.where(k >= 0, t_end[np.clip(k, 0, None)], -np.inf)
-            drop[mine] |= latest > start[mine]
-    return ev[~drop]
-
-
 def _fit_link(ev: pd.DataFrame, hw: HardwareProfile, link: Link, min_events: int) -> tuple[dict, list[FitRow]]:
     changes: dict = {}
     rows: list[FitRow] = []
@@ -395,12 +368,11 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     evs = [_events(t) for t in traces]
     cms = [_compute_model(t, base, dtype) for t in traces]
     ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
-    links_ev = pd.concat([_uncontended(e, base) for e in evs], ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
     changes: dict = {}
     rows: list[FitRow] = []
     for part, r in (_fit_compute(compute, base, dtype, min_events),
-                    *(_fit_link(links_ev, base, link, min_events) for link in _links(base)),
+                    *(_fit_link(ev, base, link, min_events) for link in _links(base)),
                     _fit_update(ev, base, optimizer, min_events)):
         changes.update(part)
         rows += r
