@@ -98,15 +98,16 @@ def plans_for(model: ModelSpec, hw: HardwareProfile, planner_s: float) -> list[t
 
 
 def run_all(steps: int, rounds: int, planner_s: float, offload_dir: str) -> tuple[HardwareProfile, list[dict]]:
-    """Calibrate, then run every (model, plan) once per round; rounds go over all runs in turn, so
-    load from other processes drifting over the minute hits every plan alike."""
+    """Calibrate, then run every (model, plan) `rounds` times back to back: a plan's fit-set run
+    and its evaluation run see the same load from other processes (on a shared machine it drifts
+    by tens of percent over a minute, which a fit cannot know about)."""
     t = time.perf_counter()
     hw, _ = calibrate("cpu", quick=True, offload_dir=offload_dir, progress=False)
     print(f"calibrate --quick: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     work = [(model, label, plan, budget) for model in MODELS for label, plan, budget in plans_for(model, hw, planner_s)]
     runs = []
-    for rnd in range(rounds):
-        for model, label, plan, budget in work:
+    for model, label, plan, budget in work:
+        for rnd in range(rounds):
             t = time.perf_counter()
             res = train_plan(model, plan, steps, gpu_mem_bytes=budget, offload_dir=offload_dir, progress=False)
             runs.append({"round": rnd, "model": model.name, "plan": label, "trace": res.trace})
