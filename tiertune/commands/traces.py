@@ -36,6 +36,9 @@ def register(sub) -> None:
     v.add_argument("--steps", type=int, required=True, help="steps to execute (>= 2: the first is warm-up)")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     v.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
+    v.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads for calibration and run (default 1 on cpu: the main thread is the "
+                        "GPU, the copy and optimizer threads get the other cores; torch's default on cuda)")
     v.add_argument("--trace-dir", default=None, help="write measured.json and predicted.json here")
     v.add_argument("--plot", default=None, metavar="OUT", help="side-by-side timeline (OUT.png and OUT.svg)")
     v.add_argument("--json", action="store_true")
@@ -72,7 +75,7 @@ def run_replay(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the first step is warm-up), got {args.steps}")
-    for name in ("batch", "seq", "gpu_mem"):
+    for name in ("batch", "seq", "gpu_mem", "threads"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -81,6 +84,13 @@ def run_validate(args: argparse.Namespace) -> int:
     from tiertune.workload import load_model
 
     spec = load_model(args.model)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        import torch
+        # On a CPU standing in for the GPU, a second intra-op thread fights the executor's copy and
+        # optimizer threads for the cores (and on a shared machine waits a scheduler quantum per op
+        # while another process holds a core): timings then say more about the load than the plan.
+        torch.set_num_threads(threads)
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     if trace_dir is not None and trace_dir.exists() and not trace_dir.is_dir():
         raise InputError(f"--trace-dir {trace_dir} is not a directory")
