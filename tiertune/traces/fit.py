@@ -17,7 +17,9 @@ the durations of the trace's tasks, grouped by resource and task kind:
   fit; both directions share one table, so where their bandwidths differ it is a least-squares
   compromise, and small transfers can be off by ~20% until the cost model takes a latency from the
   profile). With a single transfer size latency and bandwidth cannot be told apart: the bandwidth
-  is fit with the cost model's latency and the table kept. Copies are taken as pinned.
+  is fit with the cost model's latency and the table kept. Each direction's bandwidth is then
+  rescaled so its modelled busy time equals the measured one (heavy-tailed, contended copies:
+  the typical transfer sets the latency, the total sets the speed). Copies are taken as pinned.
 - cpu `update`: params/s. Convention: an `update` event's bytes are the fp32 bytes of the
   parameters it updated, so params = bytes / 4; an event with no bytes (the executor records
   none) counts its layer's parameters, from the cost model of the trace's run. The rate refit is AdamW's, or SGD's
@@ -261,10 +263,14 @@ def _fit_link(ev: pd.DataFrame, hw: HardwareProfile, link: Link, min_events: int
         if coef[0] < 0:                          # noise pushed the intercept below zero: pin it there
             coef = np.concatenate([[0.0], relative_lstsq(onehot * nbytes[:, None], d, d)])
         latency, inv_bw = float(coef[0]), coef[1:]
+        base_s = np.full_like(d, latency)
+        xfer_s = onehot * nbytes[:, None]
     else:                                        # one size: bandwidth only, with the model's latency and table
         per_dev = nbytes / link.devices
         x = onehot * (nbytes / np.array([curve.at(s) for s in per_dev]))[:, None]
         inv_bw = relative_lstsq(x, d - link.latency_s, d)
+        base_s, xfer_s = np.full_like(d, link.latency_s), x
+    inv_bw = _busy_preserving(inv_bw, base_s, xfer_s, d)
     note = "" if latency is not None else "one transfer size: latency not separable, table kept"
     bws: dict[str, float] = {}
     for res, ib in zip(dirs, inv_bw):
@@ -282,6 +288,23 @@ def _fit_link(ev: pd.DataFrame, hw: HardwareProfile, link: Link, min_events: int
         rows.append(FitRow(f"{link.name} latency", "us", link.latency_s * 1e6, latency * 1e6, len(allev),
                            f"folded into {link.table} ({len(changes[link.table].points)} steps)"))
     return changes, rows
+
+
+def _busy_preserving(inv_bw: np.ndarray, base_s: np.ndarray, xfer_s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Rescale each direction's 1/bandwidth so its modelled durations add up to its measured ones.
+
+    Relative least squares gives the typical transfer's speed (it pins the latency, which small
+    transfers carry); but measured copies have heavy tails (a copy that ran beside compute, another
+    copy or another process's I/O takes 2-5x its typical time), and what the simulator has to
+    reproduce is each resource's busy time, tails included. With durations that follow the model
+    (calibration-like noise) the scale is ~1 and changes nothing."""
+    out = np.array(inv_bw, dtype=float)
+    for j in range(len(out)):
+        rows = xfer_s[:, j] > 0
+        modelled = float((xfer_s[rows, j] * out[j]).sum())
+        if out[j] > 0 and modelled > 0:
+            out[j] *= max(float((d[rows] - base_s[rows]).sum()), 0.0) / modelled or 1.0
+    return out
 
 
 def _latency_table(latency: float, link: Link, bws: dict[str, float], sizes: np.ndarray) -> Curve:
