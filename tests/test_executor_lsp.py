@@ -47,10 +47,11 @@ def test_identity_projectors_train_like_plain_adamw(update, accum, clip, acts):
         w = ex.master_weights()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     # the update is formed on the CPU (U = -lr m/denom) and added on the device, one rounding more
-    # than torch's fused addcdiv_: a few 1e-7 absolute on weights moved by lr 1e-2 per step
+    # than torch's fused addcdiv_: a few 1e-7 absolute on weights moved by lr 1e-2 per step; with
+    # clipping the norm is also summed in another order, so over 5 steps an element may drift ~1e-6
     for a, b in zip(w, ref_w):
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=3e-6)
 
 
 def test_small_rank_still_trains():
