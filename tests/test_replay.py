@@ -92,3 +92,20 @@ def test_a_zero_device_capacity_means_no_budget():
     trace = Trace(trace.events, trace.memory, {**trace.meta, "capacity": {"gpu": 0, "cpu": 0, "ssd": 0}})
     again = replay(trace)
     assert again.result.fits and again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)
+
+
+def test_a_measured_run_under_a_small_device_budget_replays(tmp_path):
+    """The executor's budget counts tensor bytes only: replaying its trace must not add a CUDA
+    context to the recorded capacity (a 50 MiB run on 'local-cpu' would not fit again)."""
+    from tiertune.executor.run import train_plan
+    from tiertune.schedule import Plan
+
+    m, t = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=32)
+    plan = make_policy("fuyou", m, t, load_hardware("fuyou-4090-1ssd"))
+    plan = Plan.from_dict({**plan.to_dict(), "hardware": "local-cpu"})
+    budget = 8 << 20
+    res = train_plan(m, plan, 3, gpu_mem_bytes=budget, offload_dir=str(tmp_path), progress=False)
+    assert res.trace.meta["capacity"]["gpu"] == budget
+    again = replay(res.trace)
+    assert again.result.fits, again.result.error
+    assert again.coverage > 0.9

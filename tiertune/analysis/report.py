@@ -149,7 +149,8 @@ def whatif_section(trace, out: Path, label: str, name: str = "whatif") -> Sectio
     if len(stuck):
         text += " Did not finish (the engine reports why): " + "; ".join(
             f"{r.resource} x{r.factor:g}: {r.error}" for r in stuck.itertuples())
-    return Section(f"What if: {label}", text, df, [_save(plots.whatif_bars(ok), out, name)])
+    figs = [_save(plots.whatif_bars(ok), out, name)] if len(ok) else []
+    return Section(f"What if: {label}", text, df, figs)
 
 
 def validation_section(measured, hw: HardwareProfile, out: Path) -> Section:

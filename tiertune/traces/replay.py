@@ -132,8 +132,11 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
         raise InputError("the trace has no events to replay")
     model, train, hw, plan = _inputs(trace, plan, hardware)
     iterations = int(trace.events["iteration"].nunique())
-    g = builder.build(model, train, hw, plan, iterations)
     capacity = trace.meta.get("capacity")
+    if isinstance(capacity, dict):
+        # the recorded budget counts tensor bytes only (the executor's ledger), so no context reserve
+        hw = hw.replace(gpu_reserve_bytes=0)
+    g = builder.build(model, train, hw, plan, iterations)
     if isinstance(capacity, dict):      # 0: no budget on that tier (the executor on an unbudgeted CPU)
         g.capacity = [int(capacity.get(t) or c) for t, c in zip(TIERS, g.capacity)]
     _pools_as_recorded(g, trace)
