@@ -2,10 +2,11 @@
 
 1. simulate and compare every policy + the planner for GPT-3 13B on Fuyou's RTX 4090 box and for
    Llama-2 7B on LSP-Offload's RTX 4090 workstation (one report folder each);
-2. execute a small built-in Llama for real with an offloading plan (weights and optimizer on the
-   SSD tier, activations swapped, CPU Adam overlapped with backward) and record its trace;
-3. measure this machine (`calibrate --quick`), predict the same run with the simulator, and
-   compare; replay the measured trace with what-if speed-ups;
+2. measure this machine (`calibrate --quick`);
+3. execute a small built-in Llama for real with an offloading plan (weights and optimizer on the
+   SSD tier, activations swapped, CPU Adam overlapped with backward) twice, recording traces: the
+   first run refits the profile (`calibrate --from-trace`), the second is predicted with the
+   microbenchmarked and with the refit profile and compared; replay its trace with what-if speed-ups;
 4. write DIR/index.md and DIR/index.html linking everything.
 """
 
@@ -16,15 +17,21 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from tiertune.analysis.report import Section, build_report, md_table, validation_section, whatif_section, write_index
+from tiertune.analysis.report import Section, build_report, validation_section, whatif_section, write_index
 from tiertune.commands.common import default_train
-from tiertune.errors import InputError
+from tiertune.commands.execute import DEFAULT_HARDWARE, plan_for
+from tiertune.executor.run import train_plan
 from tiertune.hardware import load_hardware
+from tiertune.traces.calibrate import calibrate
+from tiertune.traces.fit import fit_profile
+from tiertune.traces.trace import Trace
+from tiertune.traces.validate import compare, predict
 from tiertune.workload import load_model
 
 PAIRS = (("gpt3-13b", "fuyou-4090-12ssd"), ("llama2-7b", "lsp-4090"))
-EXEC_MODEL, EXEC_POLICY = "small-llama", "fuyou"
+EXEC_MODEL, EXEC_POLICY, EXEC_GPU_GIB = "small-llama", "fuyou", 0.05
 
 
 def _log(msg: str) -> None:
@@ -32,8 +39,6 @@ def _log(msg: str) -> None:
 
 
 def run_demo(out: str | Path = "tiertune-demo", time_limit_s: float = 10.0, steps: int = 8) -> Path:
-    from tiertune.cli import main as cli
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -51,26 +56,35 @@ def run_demo(out: str | Path = "tiertune-demo", time_limit_s: float = 10.0, step
 
     executed = out / "executed"
     executed.mkdir(exist_ok=True)
-    trace_path = executed / "measured.json"
-    _log(f"executing {EXEC_MODEL} with the {EXEC_POLICY} plan for {steps} steps (CPU standing in for the GPU)")
-    rc = cli(["execute", "--model", EXEC_MODEL, "--policy", EXEC_POLICY, "--steps", str(steps), "--batch", "4",
-              "--seq", "128", "--gpu-mem", "0.05", "--offload-dir", str(executed / "offload"),
-              "--trace", str(trace_path)])
-    if rc != 0:
-        raise InputError(f"the demo's execute step failed (exit {rc})")
-    from tiertune.traces.calibrate import calibrate
-    from tiertune.traces.trace import Trace
-
+    # As `validate` does on a CPU: the main thread is the GPU, the copy and optimizer threads get
+    # the other cores; a second intra-op thread would fight them and blur every timing.
+    torch.set_num_threads(1)
     _log("measuring this machine (calibrate --quick)")
     profile, _ = calibrate(device="cpu", quick=True, progress=False)
     (executed / "profile.toml").write_text(profile.to_toml())
+    spec = load_model(EXEC_MODEL)
+    plan = plan_for(spec, load_hardware(DEFAULT_HARDWARE).with_gpu_mem(EXEC_GPU_GIB), plan_path=None,
+                    policy=EXEC_POLICY, batch=4, seq=128)
+    budget = int(EXEC_GPU_GIB * (1 << 30))
+    _log(f"executing {EXEC_MODEL} with the {EXEC_POLICY} plan, {steps} steps (CPU standing in for the GPU), "
+         f"twice: the first run to fit the profile from, the second to predict")
+    fit_run = train_plan(spec, plan, steps, gpu_mem_bytes=budget, offload_dir=executed / "offload")
+    fit_run.trace.save(executed / "fit_run.json")
+    fitted = fit_profile(fit_run.trace, profile, name="local-cpu-fit").profile
+    (executed / "profile_fit.toml").write_text(fitted.to_toml())
+    trace_path = executed / "measured.json"
+    train_plan(spec, plan, steps, gpu_mem_bytes=budget, offload_dir=executed / "offload").trace.save(trace_path)
     measured = Trace.load(trace_path)
     _log("predicting the executed run and replaying its trace")
-    val = validation_section(measured, profile, executed)
+    before = compare(measured, predict(measured, profile).trace)
+    after = validation_section(measured, fitted, executed)
     sections.append(Section(f"Executed for real: {EXEC_MODEL}, {EXEC_POLICY} plan",
-                            f"{steps} steps on this machine's CPU standing in for a GPU with a 0.05 GiB budget; "
-                            f"trace in `executed/measured.json` (open it in Perfetto). " + val.text,
-                            val.table, val.figures))
+                            f"{steps} steps on this machine's CPU standing in for a GPU with a {EXEC_GPU_GIB} GiB "
+                            f"budget; trace in `executed/measured.json` (open it in Perfetto). Predicted with the "
+                            f"microbenchmarked profile (`calibrate --quick`): {before.predicted_s:.4g} s "
+                            f"({before.iteration_error:+.1%}). Predicted with that "
+                            f"profile refit from an earlier run of the same plan (`calibrate --from-trace "
+                            f"executed/fit_run.json`): {after.text}", after.table, after.figures))
     sections.append(whatif_section(measured, executed, "the executed run", "whatif_measured"))
     for s in sections[1:]:          # figures of the executed run live in executed/
         s.figures = [executed.name / Path(f.name) for f in s.figures]
