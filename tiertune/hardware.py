@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiertune.errors import InputError
+from tiertune.traces.trace import RESOURCES
 
 PRESET_DIR = Path(__file__).parent / "presets" / "hardware"
 GiB = 1 << 30
@@ -89,6 +90,11 @@ class HardwareProfile:
     # Fixed cost of one layer's optimizer update: the executor updates parameter by parameter, a
     # handful of elementwise ops each. 0 for presets (fused multi-tensor optimizers); calibrated.
     update_overhead_s: float = 0.0
+    # contention[r][s]: a task on resource r runs 1 + contention[r][s] times longer while resource
+    # s is busy (the factors of several busy resources add). Where resources share a machine
+    # part: a CPU standing in for the GPU shares cores and DRAM bandwidth with the copy and
+    # optimizer threads. Empty for GPU presets (no public measurement to cite); fitted from traces.
+    contention: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "preset"              # preset | calibrated | file path
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -175,6 +181,10 @@ class HardwareProfile:
             f"duplex = {str(self.ssd_duplex).lower()}",
             f"efficiency = {curve(self.ssd_efficiency)}",
         ]
+        if self.contention:
+            lines += ["", "[contention]   # a task on the left runs 1 + x times longer while the named resource is busy"]
+            lines += [f"{r} = {{ " + ", ".join(f"{s} = {x:.4g}" for s, x in row.items()) + " }"
+                      for r, row in self.contention.items() if row]
         return "\n".join(lines) + "\n"
 
 
@@ -183,6 +193,22 @@ def _curve(table, where: str) -> Curve:
         return Curve(tuple((float(s), float(e)) for s, e in table))
     except (TypeError, ValueError) as exc:
         raise InputError(f"{where}: efficiency table must be [[size, efficiency], ...] ({exc})") from None
+
+
+def _contention(table) -> dict[str, dict[str, float]]:
+    if not isinstance(table, dict):
+        raise InputError("hardware profile: [contention] must be a table like gpu = { cpu = 0.3 }")
+    out: dict[str, dict[str, float]] = {}
+    for r, row in table.items():
+        if r not in RESOURCES or not isinstance(row, dict):
+            raise InputError(f"hardware profile: contention.{r}: expected one of {', '.join(RESOURCES)} "
+                             f"with a table of resource = factor")
+        for s, x in row.items():
+            if s not in RESOURCES or s == r or not isinstance(x, (int, float)) or x < 0:
+                raise InputError(f"hardware profile: contention.{r}.{s} = {x!r}: need another resource "
+                                 f"({', '.join(RESOURCES)}) and a factor >= 0")
+        out[r] = {s: float(x) for s, x in row.items()}
+    return out
 
 
 def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
@@ -239,6 +265,7 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         ssd_capacity_bytes=int(get("ssd", "capacity_tb") * 1e12),
         ssd_duplex=bool(d.get("ssd", {}).get("duplex", False)),
         ssd_efficiency=_curve(d.get("ssd", {}).get("efficiency", [[0, 0.5], [1 << 20, 0.9]]), "ssd.efficiency"),
+        contention=_contention(d.get("contention", {})),
         source=source,
     )
     for attr in ("gpu_mem_bytes", "gpu_mem_bw_bps", "h2d_bps", "d2h_bps", "cpu_mem_bytes",

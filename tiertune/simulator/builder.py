@@ -60,6 +60,9 @@ class TaskGraph:
     capacity: list[int] = field(default_factory=lambda: [0, 0, 0])
     pool: list[int] = field(default_factory=lambda: list(range(len(RESOURCES))))  # resource -> slot pool
     pool_slots: list[int] = field(default_factory=lambda: [1] * len(RESOURCES))
+    # contention[r][s]: a task on resource r slows to 1 / (1 + sum of contention[r][s] over the
+    # other resources s busy meanwhile) of its speed; None: resources never slow each other
+    contention: list[list[float]] | None = None
     iterations: int = 1
     _rows: list[tuple] = field(default_factory=list, repr=False)
     _frees: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
@@ -161,6 +164,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     if not hw.ssd_duplex:
         g.pool[SSD_WRITE] = SSD_READ
     g.pool_slots[CPU] = max(1, hw.cpu_workers)
+    if hw.contention:
+        g.contention = [[hw.contention.get(r, {}).get(s, 0.0) if s != r else 0.0 for s in RESOURCES]
+                        for r in RESOURCES]
 
     # Per-layer constants.
     lp_ = plan.layers

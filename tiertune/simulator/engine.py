@@ -8,6 +8,13 @@ for every later id in that round, so a low-priority prefetch cannot take the mem
 urgent task is waiting for (the classic deadlock of greedy prefetching). Within one resource the
 most urgent ready task goes first, like work issued in order on a CUDA stream.
 
+Contention (`TaskGraph.contention`, from `HardwareProfile.contention`): where resources share a
+machine part (a CPU standing in for the GPU shares its cores and memory bandwidth with the copy
+and optimizer threads; CPU Adam shares DRAM bandwidth with DMA), a task's speed falls while the
+other resources are busy. A task then carries its remaining work (seconds at full speed) and its
+end is re-planned whenever the set of busy resources changes; an end event that was re-planned
+is stale and skipped. Without contention none of this runs.
+
 Speed (DESIGN.md): one function, plain lists of ints/floats, heaps of ints, locals only in the
 hot loop; no numpy element reads, no SimPy.
 """
@@ -68,6 +75,18 @@ def run(g: TaskGraph) -> EngineRun:
     now = 0.0
     done = 0
     pools = range(npools)
+    cont = g.contention
+    if cont:
+        res_of = g.resource
+        nres = len(cont)
+        busy = [0] * nres                # running tasks per resource
+        running: list[int] = []
+        left = [0.0] * n                 # work left, in seconds at full speed
+        speed = [0.0] * n
+        since = [0.0] * n                # when left/speed were last brought up to date
+        due = [-1.0] * n                 # the end event that counts (-1: not planned yet)
+        busy_set = -1
+        fresh = False                    # a task started since the last re-plan
 
     while True:
         # --- start whatever can start now, most urgent id first across resources ---
@@ -110,9 +129,38 @@ def run(g: TaskGraph) -> EngineRun:
                 heappop(q)
                 slots[p] -= 1
                 start[t] = now
-                heappush(events, (now + dur[t], t))
+                if cont:
+                    busy[res_of[t]] += 1
+                    running.append(t)
+                    left[t] = dur[t]
+                    since[t] = now
+                    fresh = True
+                else:
+                    heappush(events, (now + dur[t], t))
                 if slots[p] and q:
                     heappush(cand, (q[0], p))
+        if cont:
+            mask = 0
+            for r in range(nres):
+                if busy[r]:
+                    mask |= 1 << r
+            if mask != busy_set or fresh:
+                busy_set, fresh = mask, False
+                for x in running:
+                    row = cont[res_of[x]]
+                    slow = 1.0
+                    for r in range(nres):
+                        if busy[r]:
+                            slow += row[r]
+                    v = 1.0 / slow
+                    if v != speed[x] or due[x] < 0:
+                        left[x] = max(0.0, left[x] - (now - since[x]) * speed[x])
+                        since[x] = now
+                        speed[x] = v
+                        due[x] = now + left[x] / v
+                        heappush(events, (due[x], x))
+            while events and due[events[0][1]] != events[0][0]:
+                heappop(events)                  # re-planned or finished: stale
         if not events:
             break
         # --- every task ending at the next event time, then one dispatch round ---
@@ -121,6 +169,10 @@ def run(g: TaskGraph) -> EngineRun:
             end[t] = now
             done += 1
             slots[pool[t]] += 1
+            if cont:
+                due[t] = -2.0
+                busy[res_of[t]] -= 1
+                running.remove(t)
             f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
             if f1:
                 used_g -= f1
@@ -135,6 +187,9 @@ def run(g: TaskGraph) -> EngineRun:
                 npred[s] -= 1
                 if not npred[s]:
                     heappush(ready[pool[s]], s)
+            if cont:
+                while events and due[events[0][1]] != events[0][0]:
+                    heappop(events)
             if not events or events[0][0] != now:
                 break
             t = heappop(events)[1]

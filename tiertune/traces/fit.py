@@ -26,6 +26,12 @@ the durations of the trace's tasks, grouped by resource and task kind:
   when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too), and the
   fixed cost per update when the updates come in several sizes.
 
+- contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the fraction of
+  each event's time that every other resource was busy (from the same trace) is a regressor:
+  duration = base * (1 + sum_s c_s * busy_s), with non-negative factors c_s. Base constants and
+  factors are fitted in turn for a few rounds. Runs where the same work ran alone (gpu-only,
+  ZeRO-Offload's serial update) pin the base; overlapped runs (Fuyou) then give the factors.
+
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
 ones. A group with fewer than `min_events` events is skipped, and the table says so.
 """
@@ -40,7 +46,7 @@ import pandas as pd
 from tiertune.errors import InputError
 from tiertune.hardware import GB, Curve, HardwareProfile
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
-from tiertune.traces.trace import Trace
+from tiertune.traces.trace import RESOURCES, Trace
 
 MIN_EVENTS = 3
 COMPUTE_KINDS = ("forward", "backward", "recompute")
@@ -147,11 +153,13 @@ def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None)
     return ComputeRows(sel, back, m, np.zeros(len(sel)), "from FLOPs")
 
 
-def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, min_events: int) -> tuple[dict, list[FitRow]]:
+def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, min_events: int,
+                 slow: np.ndarray | None = None) -> tuple[dict, list[FitRow], np.ndarray]:
     """Least squares over the compute events of every trace for the task overhead, the dtype's peak
     (one scale: the efficiency table keeps its shape) and the backward factor. The overhead is
     kept when the rows cannot separate it from the scale (one task size), the backward factor
-    when there are no backward events."""
+    when there are no backward events. `slow`: each row's contention slow-down (durations are
+    divided by it). Also returns each row's fitted duration without contention."""
     peak = hw.peak_flops(dtype)
     name = f"gpu {dtype} peak"
     sel = pd.concat([s.events for s in samples]) if samples else pd.DataFrame(columns=["kind"])
@@ -159,12 +167,14 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
                   for k in ("backward", "m", "e"))
     back = back.astype(bool)
     d = sel["duration_s"].to_numpy(float) if len(sel) else np.zeros(0)
+    if slow is not None:
+        d = d / slow
     how = "; ".join(sorted({s.how for s in samples}))
     counts = sel.groupby("kind").size().to_dict() if len(sel) else {}
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
     if len(sel) < min_events or not (m > 0).any():
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel),
-                           f"skipped: {len(sel)} compute events (< {min_events}) or no matmul work; kinds: {by_kind}")]
+                           f"skipped: {len(sel)} compute events (< {min_events}) or no matmul work; kinds: {by_kind}")], d
     cols = {"fwd": np.where(back, 0.0, m), "bwd": np.where(back, m, 0.0)}
     if not back.any():
         cols.pop("bwd")
@@ -196,7 +206,8 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
         factor = new
     scales = dict(zip(cols, coef))
     if scales["fwd"] <= 0:
-        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")]
+        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")], d
+    pred = overhead + np.column_stack(list(cols.values())) @ coef + np.where(back, factor, 1.0) * e
     new_peak = peak / scales["fwd"]
     changes: dict = {"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})}
     rows = [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g} {how}; {by_kind}")]
@@ -211,7 +222,7 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
         factor = scales["bwd"] / scales["fwd"]
         changes["backward_factor"] = factor
         rows.append(FitRow("backward factor", "x fwd", hw.backward_factor, factor, int(back.sum()), ""))
-    return changes, rows
+    return changes, rows, pred
 
 
 # --- transfers -------------------------------------------------------------------------------------------
@@ -339,17 +350,25 @@ def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
     return params
 
 
-def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int) -> tuple[dict, list[FitRow]]:
+def update_events(ev: pd.DataFrame) -> pd.DataFrame:
+    return ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
+
+
+def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int,
+                slow: np.ndarray | None = None) -> tuple[dict, list[FitRow], np.ndarray]:
     """params/s and, where updates of several sizes separate them, the fixed cost per update.
-    `ev` carries a `params` column (see _update_params)."""
+    `ev` carries a `params` column (see _update_params); `slow` as in _fit_compute, over
+    update_events(ev). Also returns each update's fitted duration without contention."""
     attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
     name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
     before = getattr(hw, attr)
-    sel = ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
+    sel = update_events(ev)
     if len(sel) < min_events:
-        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")]
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")], np.zeros(0)
     params = sel["params"].to_numpy(float)
     d = sel["duration_s"].to_numpy(float)
+    if slow is not None:
+        d = d / slow
     overhead = hw.update_overhead_s
     fitted_overhead = False
     if params.max() >= 2 * params.min():
@@ -359,7 +378,7 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
     if not fitted_overhead:
         inv_rate = relative_lstsq(params[:, None], d - overhead, d)[0]
     if inv_rate <= 0:
-        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")]
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")], d
     changes = {attr: 1.0 / inv_rate}
     rows = [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
                    "params = bytes / 4, or the layer's from the cost model")]
@@ -367,7 +386,91 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
         changes["update_overhead_s"] = overhead
     rows.append(FitRow("update overhead", "us", hw.update_overhead_s * 1e6, overhead * 1e6 if fitted_overhead else None,
                        len(sel), "intercept per layer update" if fitted_overhead else "kept: one update size or a negative intercept"))
-    return changes, rows
+    return changes, rows, overhead + params * inv_rate
+
+
+# --- contention ----------------------------------------------------------------------------------------
+CONTENTION_ROUNDS = 6
+MIN_OVERLAP = 0.05           # an event counts as overlapped with a resource beyond this fraction
+
+
+def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
+    """Add `busy_<resource>` columns: the fraction of each event's duration during which that other
+    resource ran something (its events' union, within the same trace)."""
+    ev = ev.copy()
+    start, end = ev["start_s"].to_numpy(float), ev["end_s"].to_numpy(float)
+    own = ev["resource"].to_numpy()
+    for r in RESOURCES:
+        on = ev[own == r].sort_values("start_s")
+        frac = np.zeros(len(ev))
+        if len(on):
+            a, b = _union(on["start_s"].to_numpy(float), on["end_s"].to_numpy(float))
+            cum = np.concatenate([[0.0], np.cumsum(b - a)])
+
+            def busy_until(t: np.ndarray) -> np.ndarray:
+                k = np.searchsorted(a, t, side="right") - 1
+                inside = np.clip(t - a[np.maximum(k, 0)], 0.0, (b - a)[np.maximum(k, 0)])
+                return np.where(k < 0, 0.0, cum[np.maximum(k, 0)] + inside)
+
+            frac = (busy_until(end) - busy_until(start)) / np.maximum(end - start, 1e-12)
+        ev[f"busy_{r}"] = np.where(own == r, 0.0, np.clip(frac, 0.0, 1.0))
+    return ev
+
+
+def _union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge intervals sorted by start into disjoint ones."""
+    out_a, out_b = [a[0]], [b[0]]
+    for x, y in zip(a[1:], b[1:]):
+        if x <= out_b[-1]:
+            out_b[-1] = max(out_b[-1], y)
+        else:
+            out_a.append(x)
+            out_b.append(y)
+    return np.array(out_a), np.array(out_b)
+
+
+def _fit_contention(sel: pd.DataFrame, pred: np.ndarray, min_events: int) -> dict[str, float]:
+    """Non-negative factors c_s with duration = pred * (1 + sum_s c_s busy_s), by relative least
+    squares; only resources that overlapped at least `min_events` of the events are fitted, and a
+    factor that comes out negative is dropped and the rest refit."""
+    d = sel["duration_s"].to_numpy(float)
+    names = [r for r in RESOURCES if f"busy_{r}" in sel and (sel[f"busy_{r}"] > MIN_OVERLAP).sum() >= min_events]
+    while names:
+        F = sel[[f"busy_{r}" for r in names]].to_numpy(float)
+        coef = relative_lstsq(pred[:, None] * F, d - pred, d)
+        if (coef >= 0).all():
+            return {r: float(c) for r, c in zip(names, coef) if c > 0}
+        names.pop(int(np.argmin(coef)))
+    return {}
+
+
+def _slow(sel: pd.DataFrame, factors: dict[str, float]) -> np.ndarray:
+    slow = np.ones(len(sel))
+    for r, c in factors.items():
+        slow += c * sel[f"busy_{r}"].to_numpy(float)
+    return slow
+
+
+def _fit_with_contention(fit, sel: pd.DataFrame, victim: str, hw: HardwareProfile, min_events: int):
+    """Alternate between the base constants (durations divided by the current slow-down) and the
+    contention factors (given the base predictions) for a few rounds. `fit(slow)` is a fit above;
+    `sel` its rows. Returns (changes, rows, factors)."""
+    factors: dict[str, float] = {}
+    changes, rows, pred = fit(None)
+    for _ in range(CONTENTION_ROUNDS if changes and len(sel) == len(pred) else 0):
+        new = _fit_contention(sel, pred, min_events)
+        if all(abs(new.get(r, 0.0) - factors.get(r, 0.0)) < 1e-3 for r in set(new) | set(factors)):
+            factors = new
+            break
+        factors = new
+        changes, rows, pred = fit(_slow(sel, factors))
+    before = hw.contention.get(victim, {})
+    for r in RESOURCES:
+        if r in factors or r in before:
+            n = int((sel[f"busy_{r}"] > MIN_OVERLAP).sum()) if f"busy_{r}" in sel else 0
+            rows.append(FitRow(f"{victim} slowed by busy {r}", "x", before.get(r, 0.0), factors.get(r, 0.0), n,
+                               "duration x (1 + x * fraction of it overlapped)"))
+    return changes, rows, factors
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -388,17 +491,27 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
         raise InputError("no traces to fit from")
     dtype = dtype or _meta_train(traces[0], "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
     optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
-    evs = [_events(t) for t in traces]
+    evs = [_with_overlaps(_events(t)) for t in traces]
     cms = [_compute_model(t, base, dtype) for t in traces]
     ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
+    compute_rows = pd.concat([c.events for c in compute]) if compute else ev.iloc[:0]
     changes: dict = {}
     rows: list[FitRow] = []
-    for part, r in (_fit_compute(compute, base, dtype, min_events),
-                    *(_fit_link(ev, base, link, min_events) for link in _links(base)),
-                    _fit_update(ev, base, optimizer, min_events)):
+    contention = {r: dict(row) for r, row in base.contention.items()}
+    for victim, fit, sel in (
+            ("gpu", lambda slow: _fit_compute(compute, base, dtype, min_events, slow), compute_rows),
+            ("cpu", lambda slow: _fit_update(ev, base, optimizer, min_events, slow), update_events(ev))):
+        part, r, factors = _fit_with_contention(fit, sel, victim, base, min_events)
         changes.update(part)
         rows += r
+        if part:
+            contention[victim] = factors
+    for link in _links(base):
+        part, r = _fit_link(ev, base, link, min_events)
+        changes.update(part)
+        rows += r
+    changes["contention"] = {r: row for r, row in contention.items() if row}
     fitted = sum(r.after is not None for r in rows)
     if fitted == 0:
         raise InputError(f"{where}: no constant could be fitted ({len(ev)} events with a duration; "

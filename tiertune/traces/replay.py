@@ -136,6 +136,8 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
     if isinstance(capacity, dict):
         # the recorded budget counts tensor bytes only (the executor's ledger), so no context reserve
         hw = hw.replace(gpu_reserve_bytes=0)
+    # the recorded durations already are what each task took beside the others
+    hw = hw.replace(contention={})
     g = builder.build(model, train, hw, plan, iterations)
     if isinstance(capacity, dict):      # 0: no budget on that tier (the executor on an unbudgeted CPU)
         g.capacity = [int(capacity.get(t) or c) for t, c in zip(TIERS, g.capacity)]
