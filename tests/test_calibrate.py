@@ -253,3 +253,23 @@ def load_hardware_text(text: str):
 
     from tiertune.hardware import profile_from_dict
     return profile_from_dict(tomllib.loads(text))
+
+
+def test_fit_recovers_a_contention_factor_from_an_overlapped_and_a_serial_run():
+    """Traces simulated with the GPU slowed 1.4x while CPU Adam runs: a Fuyou run (Adam overlapped
+    with backward) beside a ZeRO-Offload run (Adam after backward, the same work alone) let the
+    fit separate the peak from the slow-down, and it finds no slow-down where there is none."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.traces.fit import fit_profiles
+    from tiertune.workload import TrainSpec, load_model
+
+    m, t = load_model("gpt3-1.3b"), TrainSpec(batch=8, seq_len=1024)
+    base = load_hardware(BASE)
+    truth = base.replace(contention={"gpu": {"cpu": 0.4}})
+    traces = [simulate(m, t, truth, make_policy(p, m, t, truth)).trace for p in ("fuyou", "zero-offload")]
+    hw = fit_profiles(traces, base).profile
+    assert hw.contention["gpu"]["cpu"] == pytest.approx(0.4, rel=0.03)
+    assert hw.gpu_flops["bf16"] == pytest.approx(base.gpu_flops["bf16"], rel=0.01)
+    assert "cpu" not in hw.contention
+    assert load_hardware_text(hw.to_toml()).contention["gpu"]["cpu"] == pytest.approx(0.4, rel=0.03)

@@ -28,7 +28,8 @@ the durations of the trace's tasks, grouped by resource and task kind:
 
 - contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the fraction of
   each event's time that every other resource was busy (from the same trace) is a regressor:
-  duration = base * (1 + sum_s c_s * busy_s), with non-negative factors c_s. Base constants and
+  a task runs at 1 / (1 + c_s) of its speed while s is busy, as the engine does, with
+  non-negative factors c_s. Base constants and
   factors are fitted in turn for a few rounds. Runs where the same work ran alone (gpu-only,
   ZeRO-Offload's serial update) pin the base; overlapped runs (Fuyou) then give the factors.
 
@@ -392,6 +393,7 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
 # --- contention ----------------------------------------------------------------------------------------
 CONTENTION_ROUNDS = 6
 MIN_OVERLAP = 0.05           # an event counts as overlapped with a resource beyond this fraction
+MAX_K = 0.9                  # c / (1 + c) at most: a resource slows another 10x at most
 
 
 def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
@@ -430,25 +432,29 @@ def _union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit_contention(sel: pd.DataFrame, pred: np.ndarray, min_events: int) -> dict[str, float]:
-    """Non-negative factors c_s with duration = pred * (1 + sum_s c_s busy_s), by relative least
-    squares; only resources that overlapped at least `min_events` of the events are fitted, and a
-    factor that comes out negative is dropped and the rest refit."""
+    """Non-negative factors c_s (HardwareProfile.contention) from durations and base predictions.
+    The engine runs a task at 1 / (1 + c) of its speed while s is busy, so with a fraction f of
+    its time overlapped its work is pred = d (1 - f c / (1 + c)): linear in k = c / (1 + c),
+    (d - pred) / d = sum_s k_s f_s, solved by least squares. Only resources that overlapped at
+    least `min_events` of the events are fitted; a negative k is dropped and the rest refit."""
     d = sel["duration_s"].to_numpy(float)
     names = [r for r in RESOURCES if f"busy_{r}" in sel and (sel[f"busy_{r}"] > MIN_OVERLAP).sum() >= min_events]
     while names:
         F = sel[[f"busy_{r}" for r in names]].to_numpy(float)
-        coef = relative_lstsq(pred[:, None] * F, d - pred, d)
-        if (coef >= 0).all():
-            return {r: float(c) for r, c in zip(names, coef) if c > 0}
-        names.pop(int(np.argmin(coef)))
+        k, *_ = np.linalg.lstsq(F, (d - pred) / d, rcond=None)
+        if (k >= 0).all():
+            k = np.minimum(k, MAX_K)
+            return {r: float(x / (1 - x)) for r, x in zip(names, k) if x > 1e-6}
+        names.pop(int(np.argmin(k)))
     return {}
 
 
 def _slow(sel: pd.DataFrame, factors: dict[str, float]) -> np.ndarray:
-    slow = np.ones(len(sel))
+    """duration / work of each row under `factors` (the inverse of the relation above)."""
+    busy_k = np.zeros(len(sel))
     for r, c in factors.items():
-        slow += c * sel[f"busy_{r}"].to_numpy(float)
-    return slow
+        busy_k += c / (1 + c) * sel[f"busy_{r}"].to_numpy(float)
+    return 1.0 / np.maximum(1.0 - busy_k, 1.0 - MAX_K)
 
 
 def _fit_with_contention(fit, sel: pd.DataFrame, victim: str, hw: HardwareProfile, min_events: int):
@@ -469,7 +475,7 @@ def _fit_with_contention(fit, sel: pd.DataFrame, victim: str, hw: HardwareProfil
         if r in factors or r in before:
             n = int((sel[f"busy_{r}"] > MIN_OVERLAP).sum()) if f"busy_{r}" in sel else 0
             rows.append(FitRow(f"{victim} slowed by busy {r}", "x", before.get(r, 0.0), factors.get(r, 0.0), n,
-                               "duration x (1 + x * fraction of it overlapped)"))
+                               "speed / (1 + x) while it is busy"))
     return changes, rows, factors
 
 
