@@ -281,11 +281,12 @@ def _draw_gantt(ax, ev: pd.DataFrame, lanes: list[str], scale: float) -> float:
             # Rectangles as (n, 4, 2) vertices, built in numpy rather than one patch per event.
             verts = np.stack([np.column_stack([x0, y]), np.column_stack([x0, y + h]),
                               np.column_stack([x1, y + h]), np.column_stack([x1, y])], axis=1)
-            # A hairline white edge separates back-to-back events of one kind; with many events
-            # per lane the bars are too thin for edges, which would paint them white.
-            edges = len(x0) <= 200 and float((end[m] - start[m]).min()) >= _EDGE_MIN_FRACTION * span
-            pc = PolyCollection(verts, facecolors=style.kind_color(kind), edgecolors="white" if edges else "none",
-                                linewidths=0.4 if edges else 0, antialiased=edges)
+            # A hairline white edge separates back-to-back events of one kind; a bar too thin for
+            # one (or a lane of hundreds) gets none, which would paint it white.
+            edged = (end[m] - start[m] >= _EDGE_MIN_FRACTION * span) & (len(x0) <= 200)
+            pc = PolyCollection(verts, facecolors=style.kind_color(kind),
+                                edgecolors=["white" if e else "none" for e in edged],
+                                linewidths=np.where(edged, 0.4, 0.0), antialiased=bool(edged.any()))
             pc.set_gid(f"{res}/{kind}")
             ax.add_collection(pc, autolim=False)
     ax.set_xlim(0, span * scale * 1.01 if span > 0 else 1)
