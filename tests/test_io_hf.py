@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+import transformers  # the test extra installs it
 
-transformers = pytest.importorskip("transformers")
-
-from tiertune.errors import InputError  # noqa: E402
-from tiertune.executor.hf import HFSource  # noqa: E402
+from tiertune.errors import InputError
+from tiertune.executor.hf import HFSource
 
 VOCAB, SEQ = 96, 12
 

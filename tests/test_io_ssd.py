@@ -2,7 +2,9 @@
 
 import errno
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,25 +122,35 @@ def test_enospc_from_the_writer(store, monkeypatch):
     assert store.keys() == ["keep"]
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs: {r.stderr.strip() or r.returncode}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+# A disk that fills up, without root: the file size limit (`ulimit -f`, RLIMIT_FSIZE) caps every
+# file at 1 MiB, and the kernel fails the write that crosses it (EFBIG) as a full disk would. It is
+# set in a child process so the test run's own files are not capped.
+FULL_DISK = """
+import os, resource, signal, sys, torch
+from tiertune.errors import InputError
+from tiertune.executor.ssd import SSDStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # else the kernel kills the writer
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+s = SSDStore(sys.argv[1])
+s.write("fits", {"v": torch.ones(100_000)})                     # 400 KB of 1 MiB
+try:
+    s.write("too-big", {"v": torch.ones(300_000)})               # 1.2 MB
+    print("no error")
+except InputError as exc:
+    print(exc)
+print(sorted(os.listdir(sys.argv[1])))
+print(torch.equal(s.read("fits")["v"], torch.ones(100_000)))
+s.close()
+"""
 
 
-def test_real_full_disk(small_fs):
-    s = SSDStore(small_fs)
-    s.write("fits", {"v": torch.ones(100_000)})                     # 400 KB of 1 MiB
-    with pytest.raises(InputError, match=rf"offload dir {small_fs}: no space left \(needed \d+ bytes\)"):
-        s.write("too-big", {"v": torch.ones(300_000)})               # 1.2 MB
-    assert sorted(os.listdir(small_fs)) == ["fits.tt"]
-    assert torch.equal(s.read("fits")["v"], torch.ones(100_000))
-    s.close()
+def test_real_full_disk(tmp_path):
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    error, listing, read_back = r.stdout.splitlines()
+    assert re.search(rf"offload dir {tmp_path}: no space left \(needed \d+ bytes\)", error), error
+    assert listing == str(["fits.tt"])
+    assert read_back == "True"
 
 
 def test_corrupt_file(tmp_path):

@@ -3,7 +3,6 @@ lines, points, labels), not merely that a file appears."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pandas as pd
@@ -340,11 +339,6 @@ def test_compare_bars_order_hatching_and_bottleneck():
 
 # --- a real simulated trace ----------------------------------------------------------------------
 
-_HAVE_SIM = importlib.util.find_spec("tiertune.simulator") is not None and hasattr(
-    __import__("tiertune.simulator", fromlist=["simulate"]), "simulate")
-
-
-@pytest.mark.skipif(not _HAVE_SIM, reason="tiertune.simulator.simulate not written yet")
 def test_plots_of_a_real_simulated_trace(tmp_path):
     from tiertune.simulator import simulate
     from tiertune.hardware import load_hardware

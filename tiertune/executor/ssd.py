@@ -40,6 +40,8 @@ TENSOR_ALIGN = 64               # in-file alignment of each tensor (any dtype vi
 MAGIC = b"TTSSD\x00\x01\x00"
 SUFFIX = ".tt"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)   # absent on macOS: page cache only
+# a full disk, a full quota, or the per-file size limit: all "the write does not fit"
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _round_up(n: int, a: int) -> int:
@@ -139,13 +141,17 @@ class SSDStore:
             os.preadv(fd, [buf.numpy()], 0)
             return True
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise InputError(f"offload dir {self.root}: no space left (needed {ALIGN} bytes)") from None
+            if exc.errno in OUT_OF_SPACE:
+                raise self._no_space(exc, ALIGN) from None
             return False
         finally:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(probe)
+
+    def _no_space(self, exc: OSError, needed: int) -> InputError:
+        why = {errno.EDQUOT: ": disk quota reached", errno.EFBIG: ": file size limit (ulimit -f) reached"}
+        return InputError(f"offload dir {self.root}: no space left (needed {needed} bytes){why.get(exc.errno, '')}")
 
     def _index_existing(self) -> None:
         """Adopt files a previous store left (headers make them readable); drop stale temp files."""
@@ -290,7 +296,7 @@ class SSDStore:
             try:
                 os.posix_fallocate(fd, 0, total)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in OUT_OF_SPACE:
                     raise
             self._blocks(self._pwrite_all, fd, buf)
             os.close(fd)
@@ -302,8 +308,8 @@ class SSDStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             if isinstance(exc, OSError):
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise InputError(f"offload dir {self.root}: no space left (needed {total} bytes)") from None
+                if exc.errno in OUT_OF_SPACE:
+                    raise self._no_space(exc, total) from None
                 raise InputError(f"offload dir {self.root}: cannot write {path.name} "
                                  f"({exc.strerror or exc})") from None
             raise

@@ -4,7 +4,8 @@ The planner must beat these; `tiertune compare` runs them all. Registry: `POLICI
 with `make_policy(name, model, train, hw)`. A policy always returns its plan, fitting or not (the
 engine says whether it fits); it raises `PolicyInfeasible` only when its own rules leave no tier
 that could hold the state (e.g. ZeRO-Infinity with neither host memory nor SSD space enough).
-Numbers quoted in docstrings come from /work/shared/ANCHORS.md.
+Numbers quoted in docstrings come from the project's notes on these systems (ANCHORS.md, kept
+beside DESIGN.md), which cite each paper and code base.
 """
 
 from __future__ import annotations
