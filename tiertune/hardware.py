@@ -90,8 +90,8 @@ class HardwareProfile:
     # Fixed cost of one layer's optimizer update: the executor updates parameter by parameter, a
     # handful of elementwise ops each. 0 for presets (fused multi-tensor optimizers); calibrated.
     update_overhead_s: float = 0.0
-    # contention[r][s]: a task on resource r runs 1 + contention[r][s] times longer while resource
-    # s is busy (the factors of several busy resources add). Where resources share a machine
+    # contention[r][s]: a task on resource r runs at 1 / (1 + contention[r][s]) of its speed while
+    # resource s is busy (the factors of several busy resources add in the denominator). Where resources share a machine
     # part: a CPU standing in for the GPU shares cores and DRAM bandwidth with the copy and
     # optimizer threads. Empty for GPU presets (no public measurement to cite); fitted from traces.
     contention: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -182,7 +182,7 @@ class HardwareProfile:
             f"efficiency = {curve(self.ssd_efficiency)}",
         ]
         if self.contention:
-            lines += ["", "[contention]   # a task on the left runs 1 + x times longer while the named resource is busy"]
+            lines += ["", "[contention]   # a task on the left runs at 1 / (1 + x) of its speed while the named resource is busy"]
             lines += [f"{r} = {{ " + ", ".join(f"{s} = {x:.4g}" for s, x in row.items()) + " }"
                       for r, row in self.contention.items() if row]
         return "\n".join(lines) + "\n"

@@ -68,8 +68,7 @@ from tiertune.workload import ModelSpec, layer_costs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENGINES = ("h2d", "d2h", "cpu", "ssd_read", "ssd_write")
-
-
+# The GIL switch interval during a step (Python's default is 5 ms); see Executor.step.
 SWITCH_INTERVAL_S = 2e-4
 
 
@@ -525,8 +524,8 @@ class Executor:
         Returns the mean loss over the micro-batches."""
         # The compute thread issues hundreds of small ops per layer, each needing the GIL back from
         # the copy / SSD / optimizer threads; at Python's default 5 ms switch interval it queued
-        # behind their Python work (a ZeRO-Offload forward ran 2.2x slower beside CPU Adam on a
-        # CPU standing in for the GPU; 1.1x at 0.2 ms).
+        # behind their Python work (a ZeRO-Offload forward ran 2.4x slower beside CPU Adam than in
+        # a gpu-only run, on a CPU standing in for the GPU; 1.1x at 0.2 ms).
         prev = sys.getswitchinterval()
         sys.setswitchinterval(min(prev, SWITCH_INTERVAL_S))
         try:

@@ -80,6 +80,7 @@ def run(g: TaskGraph) -> EngineRun:
         res_of = g.resource
         nres = len(cont)
         busy = [0] * nres                # running tasks per resource
+        mask = 0                         # bit r: resource r runs something
         running: list[int] = []
         left = [0.0] * n                 # work left, in seconds at full speed
         speed = [0.0] * n
@@ -130,7 +131,9 @@ def run(g: TaskGraph) -> EngineRun:
                 slots[p] -= 1
                 start[t] = now
                 if cont:
-                    busy[res_of[t]] += 1
+                    r = res_of[t]
+                    busy[r] += 1
+                    mask |= 1 << r
                     running.append(t)
                     left[t] = dur[t]
                     since[t] = now
@@ -140,10 +143,6 @@ def run(g: TaskGraph) -> EngineRun:
                 if slots[p] and q:
                     heappush(cand, (q[0], p))
         if cont:
-            mask = 0
-            for r in range(nres):
-                if busy[r]:
-                    mask |= 1 << r
             if mask != busy_set or fresh:
                 busy_set, fresh = mask, False
                 for x in running:
@@ -171,7 +170,10 @@ def run(g: TaskGraph) -> EngineRun:
             slots[pool[t]] += 1
             if cont:
                 due[t] = -2.0
-                busy[res_of[t]] -= 1
+                r = res_of[t]
+                busy[r] -= 1
+                if not busy[r]:
+                    mask &= ~(1 << r)
                 running.remove(t)
             f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
             if f1:

@@ -29,8 +29,7 @@ the durations of the trace's tasks, grouped by resource and task kind:
 - contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the fraction of
   each event's time that every other resource was busy (from the same trace) is a regressor:
   a task runs at 1 / (1 + c_s) of its speed while s is busy, as the engine does, with
-  non-negative factors c_s. Base constants and
-  factors are fitted in turn for a few rounds. Runs where the same work ran alone (gpu-only,
+  non-negative factors c_s. Base constants and factors are fitted in turn for a few rounds. Runs where the same work ran alone (gpu-only,
   ZeRO-Offload's serial update) pin the base; overlapped runs (Fuyou) then give the factors.
 
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
@@ -351,7 +350,7 @@ def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
     return params
 
 
-def update_events(ev: pd.DataFrame) -> pd.DataFrame:
+def _update_events(ev: pd.DataFrame) -> pd.DataFrame:
     return ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
 
 
@@ -359,13 +358,14 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
                 slow: np.ndarray | None = None) -> tuple[dict, list[FitRow], np.ndarray]:
     """params/s and, where updates of several sizes separate them, the fixed cost per update.
     `ev` carries a `params` column (see _update_params); `slow` as in _fit_compute, over
-    update_events(ev). Also returns each update's fitted duration without contention."""
+    _update_events(ev). Also returns each update's fitted duration without contention."""
     attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
     name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
     before = getattr(hw, attr)
-    sel = update_events(ev)
+    sel = _update_events(ev)
     if len(sel) < min_events:
-        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")], np.zeros(0)
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")], \
+            sel["duration_s"].to_numpy(float)
     params = sel["params"].to_numpy(float)
     d = sel["duration_s"].to_numpy(float)
     if slow is not None:
@@ -420,15 +420,12 @@ def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
 
 
 def _union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge intervals sorted by start into disjoint ones."""
-    out_a, out_b = [a[0]], [b[0]]
-    for x, y in zip(a[1:], b[1:]):
-        if x <= out_b[-1]:
-            out_b[-1] = max(out_b[-1], y)
-        else:
-            out_a.append(x)
-            out_b.append(y)
-    return np.array(out_a), np.array(out_b)
+    """Merge intervals sorted by start into disjoint ones: a new one begins where a start lies past
+    every earlier end."""
+    reach = np.maximum.accumulate(b)
+    first = np.concatenate([[True], a[1:] > reach[:-1]])
+    last = np.concatenate([first[1:], [True]])
+    return a[first], reach[last]
 
 
 def _fit_contention(sel: pd.DataFrame, pred: np.ndarray, min_events: int) -> dict[str, float]:
@@ -463,12 +460,12 @@ def _fit_with_contention(fit, sel: pd.DataFrame, victim: str, hw: HardwareProfil
     `sel` its rows. Returns (changes, rows, factors)."""
     factors: dict[str, float] = {}
     changes, rows, pred = fit(None)
-    for _ in range(CONTENTION_ROUNDS if changes and len(sel) == len(pred) else 0):
+    for _ in range(CONTENTION_ROUNDS if changes else 0):
         new = _fit_contention(sel, pred, min_events)
-        if all(abs(new.get(r, 0.0) - factors.get(r, 0.0)) < 1e-3 for r in set(new) | set(factors)):
-            factors = new
-            break
+        settled = all(abs(new.get(r, 0.0) - factors.get(r, 0.0)) < 1e-3 for r in set(new) | set(factors))
         factors = new
+        if settled:
+            break
         changes, rows, pred = fit(_slow(sel, factors))
     before = hw.contention.get(victim, {})
     for r in RESOURCES:
@@ -507,7 +504,7 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     contention = {r: dict(row) for r, row in base.contention.items()}
     for victim, fit, sel in (
             ("gpu", lambda slow: _fit_compute(compute, base, dtype, min_events, slow), compute_rows),
-            ("cpu", lambda slow: _fit_update(ev, base, optimizer, min_events, slow), update_events(ev))):
+            ("cpu", lambda slow: _fit_update(ev, base, optimizer, min_events, slow), _update_events(ev))):
         part, r, factors = _fit_with_contention(fit, sel, victim, base, min_events)
         changes.update(part)
         rows += r

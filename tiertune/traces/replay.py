@@ -133,13 +133,12 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
     model, train, hw, plan = _inputs(trace, plan, hardware)
     iterations = int(trace.events["iteration"].nunique())
     capacity = trace.meta.get("capacity")
-    if isinstance(capacity, dict):
-        # the recorded budget counts tensor bytes only (the executor's ledger), so no context reserve
-        hw = hw.replace(gpu_reserve_bytes=0)
-    # the recorded durations already are what each task took beside the others
-    hw = hw.replace(contention={})
+    recorded = isinstance(capacity, dict)
+    # The recorded durations already are what each task took beside the others (no contention);
+    # a recorded budget counts tensor bytes only (the executor's ledger), so no context reserve.
+    hw = hw.replace(contention={}, gpu_reserve_bytes=0 if recorded else hw.gpu_reserve_bytes)
     g = builder.build(model, train, hw, plan, iterations)
-    if isinstance(capacity, dict):      # 0: no budget on that tier (the executor on an unbudgeted CPU)
+    if recorded:                        # 0: no budget on that tier (the executor on an unbudgeted CPU)
         g.capacity = [int(capacity.get(t) or c) for t, c in zip(TIERS, g.capacity)]
     _pools_as_recorded(g, trace)
 
