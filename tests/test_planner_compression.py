@@ -90,3 +90,13 @@ def test_plan_cli_records_the_cap_and_the_estimates(capsys, tmp_path):
     assert main(["plan", "--model", "tiny-llama", "--hardware", "lsp-4090", "--max-compression-error", "2",
                  "--time-limit", "1"]) == 2
     assert "max-compression-error" in capsys.readouterr().err
+
+
+def test_compare_text_says_when_a_lossy_baseline_meets_a_lossless_planner(capsys):
+    assert main(["compare", "--model", "llama2-7b", "--hardware", "lsp-4090", "--time-limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lossless" in out.splitlines()[0]
+    assert "note: lsp-offload compress(es) gradients (lossy)" in out and "--grad-rank" in out
+    assert main(["compare", "--model", "llama2-7b", "--hardware", "lsp-4090", "--time-limit", "2",
+                 "--grad-rank", "2048"]) == 0
+    assert "note: " not in capsys.readouterr().out
