@@ -65,3 +65,17 @@ def test_truncated_and_foreign_traces_are_refused(tmp_path):
     (tmp_path / "kineto.json").write_text(json.dumps({"traceEvents": []}))
     with pytest.raises(InputError, match="not a tiertune trace"):
         Trace.load(tmp_path / "kineto.json")
+
+
+def test_device_events_recorded_inside_another_count_once():
+    """A LOMO backward recorded around the fused updates it runs: the device is busy 10 s, not
+    13 s, and the backward's own time is what is left; CPU events that overlap are parallel work."""
+    from tiertune.traces.trace import own_durations
+
+    rows = [("backward", "gpu", 0.0, 10.0), ("update", "gpu", 2.0, 3.0), ("update", "gpu", 5.0, 7.0),
+            ("forward", "gpu", 10.0, 12.0), ("update", "cpu", 0.0, 10.0), ("update", "cpu", 2.0, 5.0)]
+    ev = [{"source": "measured", "iteration": 0, "task": f"t{i}", "kind": k, "layer": 1, "resource": r,
+           "start_s": s, "end_s": e, "bytes": 0, "flops": 0.0} for i, (k, r, s, e) in enumerate(rows)]
+    trace = Trace.from_records(ev)
+    assert list(own_durations(trace.events)) == [7.0, 1.0, 2.0, 2.0, 10.0, 3.0]
+    assert trace.busy_s()["gpu"] == 12.0 and trace.busy_s()["cpu"] == 13.0

@@ -16,7 +16,9 @@ KERNEL_LATENCY_S = 20e-6      # default per-layer launch overhead (HardwareProfi
 # fp32 elements read or written per parameter by one optimizer step as the executor runs it
 # (tiertune/executor/updates.py: torch's single-tensor operation order, one kernel per operation).
 # AdamW: mul_ 2, lerp_ 3, mul_ 2, addcmul_ 3, sqrt 2, div 2, add_ 2, addcdiv_ 4; SGD: add_ 3.
-UPDATE_PASSES = {"adamw": 20, "sgd": 3, "adalomo": 12}
+# AdaLomo (a matrix: factored moment): g*g 2, +eps 2, row and column means 1 + 1, outer product
+# 1, times g 3, RMS of the update 1, clip div_ 2, RMS of the weight 1, add_ 3.
+UPDATE_PASSES = {"adamw": 20, "sgd": 3, "adalomo": 17}
 
 
 class CostModel:
@@ -64,12 +66,17 @@ class CostModel:
     def gpu_update_s(self, layer: int) -> float:
         """Optimizer step on the GPU: memory-bound. Each elementwise operation of the update streams
         its fp32 operands (UPDATE_PASSES per parameter); a compute dtype other than fp32 adds reading
-        the gradient and writing the weights back from the master copy."""
+        the gradient and writing the weights back from the master copy. Its fixed cost is the
+        device's per-task overhead (kernel launches), not the CPU optimizer's."""
+        return self.hw.gpu_task_overhead_s + self.gpu_update_bytes(layer) / self.hw.gpu_mem_bw_bps
+
+    def gpu_update_bytes(self, layer: int) -> float:
+        """Device memory bytes one optimizer step over `layer` reads and writes."""
         lc = self.layers[layer]
         touched = 4 * UPDATE_PASSES.get(self.train.optimizer, UPDATE_PASSES["adamw"]) * lc.params
         if self.train.elem_bytes != 4:
             touched += lc.grad_bytes + lc.weight_bytes
-        return self.hw.update_overhead_s + KERNEL_LATENCY_S + touched / self.hw.gpu_mem_bw_bps
+        return touched
 
     # --- copies ------------------------------------------------------------------------------
     def h2d_s(self, nbytes: float, pinned: bool = True) -> float:

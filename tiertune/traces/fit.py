@@ -46,7 +46,7 @@ import pandas as pd
 from tiertune.errors import InputError
 from tiertune.hardware import GB, Curve, HardwareProfile
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
-from tiertune.traces.trace import RESOURCES, Trace
+from tiertune.traces.trace import RESOURCES, Trace, interval_union, own_durations
 
 MIN_EVENTS = 3
 COMPUTE_KINDS = ("forward", "backward", "recompute")
@@ -90,7 +90,7 @@ def relative_lstsq(X: np.ndarray, y: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def _events(trace: Trace) -> pd.DataFrame:
-    ev = trace.events.assign(duration_s=trace.events["end_s"] - trace.events["start_s"])
+    ev = trace.events.assign(duration_s=own_durations(trace.events))
     return ev[ev["duration_s"] > 0]
 
 
@@ -390,6 +390,34 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
     return changes, rows, overhead + params * inv_rate
 
 
+# --- device optimizer step -------------------------------------------------------------------------------
+def _fit_gpu_update(evs: list[pd.DataFrame], cms: list, hw: HardwareProfile, overhead: float,
+                    min_events: int) -> tuple[dict, list[FitRow]]:
+    """Device memory bandwidth from the device's optimizer steps (CostModel.gpu_update_s: the task
+    overhead, fitted above, plus the bytes the step streams over the bandwidth). A fused (LOMO)
+    update is recorded parameter by parameter: events are summed per layer and iteration first.
+    Ordinary least squares, not relative: a step's time is the sum of its updates, so a layer's
+    big update counts for more than the embedding's small one. Needs the run's cost model."""
+    rows = []
+    for e, cm in zip(evs, cms):
+        sel = e[(e["resource"] == "gpu") & (e["kind"] == "update")]
+        if cm is None or sel.empty or not sel["layer"].between(0, len(cm.layers) - 1).all():
+            continue
+        per = sel.groupby(["iteration", "layer"])["duration_s"].agg(["sum", "size"]).reset_index()
+        rows.append(pd.DataFrame({"bytes": [cm.gpu_update_bytes(int(i)) for i in per["layer"]],
+                                  "fixed": overhead * per["size"], "d": per["sum"]}))
+    name, before = "gpu memory bandwidth", hw.gpu_mem_bw_bps / GB
+    df = pd.concat(rows) if rows else pd.DataFrame(columns=["bytes", "fixed", "d"])
+    if len(df) < min_events:
+        return {}, [FitRow(name, "GB/s", before, None, len(df), f"skipped: {len(df)} device updates (< {min_events})")]
+    x, y = df["bytes"].to_numpy(float), (df["d"] - df["fixed"]).to_numpy(float)
+    inv = float(x @ y / (x @ x))
+    if inv <= 0:
+        return {}, [FitRow(name, "GB/s", before, None, len(df), "skipped: device updates do not grow with bytes")]
+    return {"gpu_mem_bw_bps": 1.0 / inv}, [FitRow(name, "GB/s", before, 1.0 / inv / GB, len(df),
+                                                  "from device optimizer steps (bytes from the cost model)")]
+
+
 # --- contention ----------------------------------------------------------------------------------------
 CONTENTION_ROUNDS = 6
 MIN_OVERLAP = 0.05           # an event counts as overlapped with a resource beyond this fraction
@@ -406,7 +434,7 @@ def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
         on = ev[own == r].sort_values("start_s")
         frac = np.zeros(len(ev))
         if len(on):
-            a, b = _union(on["start_s"].to_numpy(float), on["end_s"].to_numpy(float))
+            a, b = interval_union(on["start_s"].to_numpy(float), on["end_s"].to_numpy(float))
             cum = np.concatenate([[0.0], np.cumsum(b - a)])
 
             def busy_until(t: np.ndarray) -> np.ndarray:
@@ -417,15 +445,6 @@ def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
             frac = (busy_until(end) - busy_until(start)) / np.maximum(end - start, 1e-12)
         ev[f"busy_{r}"] = np.where(own == r, 0.0, np.clip(frac, 0.0, 1.0))
     return ev
-
-
-def _union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge intervals sorted by start into disjoint ones: a new one begins where a start lies past
-    every earlier end."""
-    reach = np.maximum.accumulate(b)
-    first = np.concatenate([[True], a[1:] > reach[:-1]])
-    last = np.concatenate([first[1:], [True]])
-    return a[first], reach[last]
 
 
 def _fit_contention(sel: pd.DataFrame, pred: np.ndarray, min_events: int) -> dict[str, float]:
@@ -514,6 +533,10 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
         part, r = _fit_link(ev, base, link, min_events)
         changes.update(part)
         rows += r
+    part, r = _fit_gpu_update(evs, cms, base, changes.get("gpu_task_overhead_s", base.gpu_task_overhead_s),
+                              min_events)
+    changes.update(part)
+    rows += r
     changes["contention"] = {r: row for r, row in contention.items() if row}
     fitted = sum(r.after is not None for r in rows)
     if fitted == 0:

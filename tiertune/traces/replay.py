@@ -21,7 +21,7 @@ from tiertune.schedule import Plan
 from tiertune.simulator import builder
 from tiertune.simulator.builder import RESOURCES, TIERS
 from tiertune.simulator.run import SimResult, run_graph
-from tiertune.traces.trace import Trace
+from tiertune.traces.trace import Trace, own_durations
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
 FALLBACK_HARDWARE = "lsp-4090"
@@ -143,7 +143,7 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
     _pools_as_recorded(g, trace)
 
     ev = trace.events.sort_values("start_s", kind="stable")
-    dur = (ev["end_s"] - ev["start_s"]).tolist()
+    dur = own_durations(ev).tolist()
     by_name = dict(zip(ev["task"], dur))
     by_key: dict[tuple, deque] = defaultdict(deque)
     for key, d in zip(zip(ev["iteration"], ev["kind"], ev["layer"], ev["resource"]), dur):

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tiertune.errors import InputError
@@ -26,6 +27,36 @@ MEMORY_COLUMNS = ["time_s", "tier", "bytes"]
 _EVENT_DTYPES = {"source": "object", "iteration": "int64", "task": "object", "kind": "object", "layer": "int64",
                  "resource": "object", "start_s": "float64", "end_s": "float64", "bytes": "int64", "flops": "float64"}
 _MEMORY_DTYPES = {"time_s": "float64", "tier": "object", "bytes": "int64"}
+
+
+def interval_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge intervals [a, b) sorted by start into disjoint ones: a new one begins where a start
+    lies past every earlier end."""
+    reach = np.maximum.accumulate(b)
+    first = np.concatenate([[True], a[1:] > reach[:-1]])
+    last = np.concatenate([first[1:], [True]])
+    return a[first], reach[last]
+
+
+def own_durations(events: pd.DataFrame) -> pd.Series:
+    """Each event's duration, less, on the device, the time of device events that run inside it.
+    The executor records a LOMO backward around the fused update it runs in each gradient's hook;
+    summed as they are, the device would be busy twice over. The device runs one task at a time
+    (one stream); elsewhere events that overlap are parallel work (CPU workers, SSD threads)."""
+    own = (events["end_s"] - events["start_s"]).astype(float)
+    ev = events[events["resource"] == "gpu"]
+    if len(ev) > 1:
+        ev = ev.sort_values(["start_s", "end_s"], ascending=[True, False], kind="stable")
+        start, end = ev["start_s"].to_numpy(float), ev["end_s"].to_numpy(float)
+        # events starting before i ends; only those also ending by then are inside it
+        hi = np.searchsorted(start, end, side="left")
+        for i in np.flatnonzero(hi > np.arange(len(ev)) + 1):
+            j = np.arange(i + 1, hi[i])
+            j = j[end[j] <= end[i]]
+            if len(j):
+                a, b = interval_union(start[j], end[j])
+                own.loc[ev.index[i]] -= float((b - a).sum())
+    return own
 
 
 def _typed(df: pd.DataFrame, dtypes: dict) -> pd.DataFrame:
@@ -80,7 +111,7 @@ class Trace:
         """Busy seconds per resource in one steady-state iteration."""
         ev = self.steady_events()
         n = max(ev["iteration"].nunique(), 1)
-        busy = (ev["end_s"] - ev["start_s"]).groupby(ev["resource"]).sum() / n
+        busy = own_durations(ev).groupby(ev["resource"]).sum() / n
         return {r: float(busy.get(r, 0.0)) for r in RESOURCES if r in busy.index or r in RESOURCES}
 
     def bottleneck(self) -> str:
@@ -93,7 +124,7 @@ class Trace:
 
     def kind_durations(self) -> pd.DataFrame:
         """Mean duration and bytes per (kind, resource) over steady-state iterations."""
-        ev = self.steady_events().assign(duration_s=lambda d: d["end_s"] - d["start_s"])
+        ev = self.steady_events().assign(duration_s=own_durations)
         return ev.groupby(["kind", "resource"]).agg(count=("task", "size"), duration_s=("duration_s", "sum"),
                                                     bytes=("bytes", "sum")).reset_index()
 

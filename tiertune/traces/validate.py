@@ -15,7 +15,7 @@ from tiertune.hardware import HardwareProfile
 from tiertune.schedule import Plan
 from tiertune.simulator import simulate
 from tiertune.simulator.run import SimResult
-from tiertune.traces.trace import TIERS, Trace
+from tiertune.traces.trace import TIERS, Trace, own_durations
 from tiertune.errors import InputError
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
@@ -50,7 +50,7 @@ class Validation:
 def _per_iteration(trace: Trace, by: list[str]) -> pd.DataFrame:
     ev = trace.steady_events()
     n = max(ev["iteration"].nunique(), 1)
-    return ((ev["end_s"] - ev["start_s"]).groupby([ev[c] for c in by]).sum() / n).rename("s")
+    return (own_durations(ev).groupby([ev[c] for c in by]).sum() / n).rename("s")
 
 
 def compare(measured: Trace, predicted: Trace) -> Validation:
