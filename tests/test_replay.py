@@ -3,6 +3,7 @@ bottleneck moves it, scaling an idle resource does not; bad input is one line an
 
 import json
 
+import pandas as pd
 import pytest
 
 from tiertune.cli import main
@@ -109,3 +110,19 @@ def test_a_measured_run_under_a_small_device_budget_replays(tmp_path):
     again = replay(res.trace)
     assert again.result.fits, again.result.error
     assert again.coverage > 0.9
+
+
+def test_a_task_recorded_in_pieces_replays_as_their_sum():
+    """LOMO's executor records the fused update once per parameter: the graph's one update task
+    per layer takes the pieces' total, not the first piece."""
+    m, t, hw = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=16, optimizer="sgd"), load_hardware("lsp-4090")
+    res = simulate(m, t, hw, make_policy("lomo", m, t, hw))
+    ev = res.trace.events
+    updates = ev[ev["kind"] == "update"]
+    halves = pd.concat([updates.assign(end_s=(updates.start_s + updates.end_s) / 2, task=updates.task + "a"),
+                        updates.assign(start_s=(updates.start_s + updates.end_s) / 2, task=updates.task + "b")])
+    pieces = Trace(pd.concat([ev[ev["kind"] != "update"], halves], ignore_index=True), res.trace.memory,
+                   res.trace.meta)
+    again = replay(pieces)
+    assert again.coverage == 1.0
+    assert again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)

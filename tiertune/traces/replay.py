@@ -10,7 +10,7 @@ the graph was timed from the trace.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 import pandas as pd
@@ -145,15 +145,25 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
     ev = trace.events.sort_values("start_s", kind="stable")
     dur = own_durations(ev).tolist()
     by_name = dict(zip(ev["task"], dur))
+    def key_of(t: int) -> tuple:
+        return g.iteration[t], g.kind[t], g.layer[t], RESOURCES[g.resource[t]]
+
     by_key: dict[tuple, deque] = defaultdict(deque)
     for key, d in zip(zip(ev["iteration"], ev["kind"], ev["layer"], ev["resource"]), dur):
         by_key[key].append(d)
+    # A task the executor records in pieces (LOMO's fused update, one event per parameter) is one
+    # task of the graph: where a key has more events than tasks, its tasks share the total.
+    tasks_per_key = Counter(key_of(t) for t in range(len(g)))
+    for key, q in by_key.items():
+        n = tasks_per_key.get(key, 0)
+        if n and len(q) > n:
+            by_key[key] = deque([sum(q) / n] * n)
     matched = 0
     names_match = all(g.name(t) in by_name for t in range(min(len(g), 50)))
     for t in range(len(g)):
         d = by_name.get(g.name(t)) if names_match else None
         if d is None:
-            q = by_key.get((g.iteration[t], g.kind[t], g.layer[t], RESOURCES[g.resource[t]]))
+            q = by_key.get(key_of(t))
             d = q.popleft() if q else None
         if d is not None:
             g.duration[t] = float(d)
