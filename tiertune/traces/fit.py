@@ -27,9 +27,9 @@ the durations of the trace's tasks, grouped by resource and task kind:
   fixed cost per update when the updates come in several sizes.
 
 - contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the fraction of
-  each event's time that every other resource was busy (from the same trace) is a regressor:
-  a task runs at 1 / (1 + c_s) of its speed while s is busy, as the engine does, with
-  non-negative factors c_s. Base constants and factors are fitted in turn for a few rounds. Runs where the same work ran alone (gpu-only,
+  each event's time that every other resource was busy (from the same trace) enters the same
+  least-squares problem as the base constants: a task runs at 1 / (1 + c_s) of its speed while s
+  is busy, as the engine does, which is linear in c_s / (1 + c_s) (kept >= 0). Runs where the same work ran alone (gpu-only,
   ZeRO-Offload's serial update) pin the base; overlapped runs (Fuyou) then give the factors.
 
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
@@ -87,6 +87,19 @@ def relative_lstsq(X: np.ndarray, y: np.ndarray, d: np.ndarray) -> np.ndarray:
     w = 1.0 / d
     coef, *_ = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)
     return coef
+
+
+def nonneg_lstsq(X: np.ndarray, y: np.ndarray, d: np.ndarray, nonneg: np.ndarray) -> np.ndarray:
+    """relative_lstsq with the columns marked in `nonneg` kept >= 0: the most negative one is
+    pinned at 0 and the rest refit, until none is negative."""
+    keep = np.ones(X.shape[1], bool)
+    while True:
+        coef = np.zeros(X.shape[1])
+        coef[keep] = relative_lstsq(X[:, keep], y, d)
+        neg = np.flatnonzero(nonneg & keep & (coef < 0))
+        if not len(neg):
+            return coef
+        keep[neg[np.argmin(coef[neg])]] = False
 
 
 def _events(trace: Trace) -> pd.DataFrame:
@@ -153,13 +166,12 @@ def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None)
     return ComputeRows(sel, back, m, np.zeros(len(sel)), "from FLOPs")
 
 
-def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, min_events: int,
-                 slow: np.ndarray | None = None) -> tuple[dict, list[FitRow], np.ndarray]:
+def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str,
+                 min_events: int) -> tuple[dict, list[FitRow], dict[str, float]]:
     """Least squares over the compute events of every trace for the task overhead, the dtype's peak
-    (one scale: the efficiency table keeps its shape) and the backward factor. The overhead is
-    kept when the rows cannot separate it from the scale (one task size), the backward factor
-    when there are no backward events. `slow`: each row's contention slow-down (durations are
-    divided by it). Also returns each row's fitted duration without contention."""
+    (one scale: the efficiency table keeps its shape) and the backward factor, then the contention
+    factors (see _alone, _fit_contention). The overhead is kept when the rows cannot separate it
+    from the scale (one task size), the backward factor when there are no backward events."""
     peak = hw.peak_flops(dtype)
     name = f"gpu {dtype} peak"
     sel = pd.concat([s.events for s in samples]) if samples else pd.DataFrame(columns=["kind"])
@@ -167,31 +179,31 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
                   for k in ("backward", "m", "e"))
     back = back.astype(bool)
     d = sel["duration_s"].to_numpy(float) if len(sel) else np.zeros(0)
-    if slow is not None:
-        d = d / slow
     how = "; ".join(sorted({s.how for s in samples}))
     counts = sel.groupby("kind").size().to_dict() if len(sel) else {}
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
     if len(sel) < min_events or not (m > 0).any():
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel),
-                           f"skipped: {len(sel)} compute events (< {min_events}) or no matmul work; kinds: {by_kind}")], d
+                           f"skipped: {len(sel)} compute events (< {min_events}) or no matmul work; kinds: {by_kind}")], {}
     cols = {"fwd": np.where(back, 0.0, m), "bwd": np.where(back, m, 0.0)}
     if not back.any():
         cols.pop("bwd")
-    sizes = len(np.unique(np.round(m[m > 0] / m[m > 0].max(), 3))) + int((m == 0).any())
+    X = np.column_stack(list(cols.values()))
+    alone = _alone(sel, back, min_events)
+    mm = m[alone]
+    sizes = len(np.unique(np.round(mm[mm > 0] / mm[mm > 0].max(), 3))) + int((mm == 0).any()) if (mm > 0).any() else 0
     fit_overhead = sizes >= 2
 
     def solve(factor: float) -> tuple[float, np.ndarray]:
-        """(overhead, scales) with a backward's elementwise part taken at `factor`."""
-        y = d - np.where(back, factor, 1.0) * e
+        """(overhead, scales) with a backward's elementwise part taken at `factor`, from the
+        events that ran alone; noise that pushes the intercept below zero pins it there."""
+        y = (d - np.where(back, factor, 1.0) * e)[alone]
         if fit_overhead:
-            coef = relative_lstsq(np.column_stack([np.ones_like(d), *cols.values()]), y, d)
-            if coef[0] >= 0:
-                return float(coef[0]), coef[1:]
-            o = 0.0                            # noise pushed the intercept below zero: pin it there
-        else:
-            o = hw.gpu_task_overhead_s
-        return o, relative_lstsq(np.column_stack(list(cols.values())), y - o, d)
+            coef = nonneg_lstsq(np.column_stack([np.ones(alone.sum()), X[alone]]), y, d[alone],
+                                np.array([True] + [False] * len(cols)))
+            return float(coef[0]), coef[1:]
+        o = hw.gpu_task_overhead_s
+        return o, relative_lstsq(X[alone], y - o, d[alone])
 
     # The backward factor scales a backward's elementwise part too, which makes the model bilinear;
     # a few fixed-point rounds (solve at a factor, take the factor found) settle it.
@@ -206,8 +218,7 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
         factor = new
     scales = dict(zip(cols, coef))
     if scales["fwd"] <= 0:
-        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")], d
-    pred = overhead + np.column_stack(list(cols.values())) @ coef + np.where(back, factor, 1.0) * e
+        return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")], {}
     new_peak = peak / scales["fwd"]
     changes: dict = {"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})}
     rows = [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g} {how}; {by_kind}")]
@@ -222,7 +233,9 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str, mi
         factor = scales["bwd"] / scales["fwd"]
         changes["backward_factor"] = factor
         rows.append(FitRow("backward factor", "x fwd", hw.backward_factor, factor, int(back.sum()), ""))
-    return changes, rows, pred
+    pred = overhead + X @ coef + np.where(back, factor, 1.0) * e
+    factors, crows = _fit_contention("gpu", hw, sel, d, pred, alone, min_events)
+    return changes, rows + crows, factors
 
 
 # --- transfers -------------------------------------------------------------------------------------------
@@ -350,26 +363,20 @@ def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
     return params
 
 
-def _update_events(ev: pd.DataFrame) -> pd.DataFrame:
-    return ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
-
-
-def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_events: int,
-                slow: np.ndarray | None = None) -> tuple[dict, list[FitRow], np.ndarray]:
-    """params/s and, where updates of several sizes separate them, the fixed cost per update.
-    `ev` carries a `params` column (see _update_params); `slow` as in _fit_compute, over
-    _update_events(ev). Also returns each update's fitted duration without contention."""
+def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str,
+                min_events: int) -> tuple[dict, list[FitRow], dict[str, float]]:
+    """params/s and, where updates of several sizes separate them, the fixed cost per update, then
+    the contention factors (see _alone, _fit_contention). `ev` carries a `params` column (see
+    _update_params)."""
     attr = "cpu_sgd_params_per_s" if optimizer == "sgd" else "cpu_adam_params_per_s"
     name = f"cpu {'sgd' if optimizer == 'sgd' else 'adam'} update"
     before = getattr(hw, attr)
-    sel = _update_events(ev)
+    sel = ev[(ev["resource"] == "cpu") & (ev["kind"] == "update") & (ev["params"] > 0)]
     if len(sel) < min_events:
-        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")], \
-            sel["duration_s"].to_numpy(float)
-    params = sel["params"].to_numpy(float)
-    d = sel["duration_s"].to_numpy(float)
-    if slow is not None:
-        d = d / slow
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), f"skipped: {len(sel)} events (< {min_events})")], {}
+    d_all, p_all = sel["duration_s"].to_numpy(float), sel["params"].to_numpy(float)
+    alone = _alone(sel, np.zeros(len(sel), bool), min_events)
+    params, d = p_all[alone], d_all[alone]
     overhead = hw.update_overhead_s
     fitted_overhead = False
     if params.max() >= 2 * params.min():
@@ -379,7 +386,7 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
     if not fitted_overhead:
         inv_rate = relative_lstsq(params[:, None], d - overhead, d)[0]
     if inv_rate <= 0:
-        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")], d
+        return {}, [FitRow(name, "Gparams/s", before / 1e9, None, len(sel), "skipped: durations do not grow with bytes")], {}
     changes = {attr: 1.0 / inv_rate}
     rows = [FitRow(name, "Gparams/s", before / 1e9, 1.0 / inv_rate / 1e9, len(sel),
                    "params = bytes / 4, or the layer's from the cost model")]
@@ -387,7 +394,8 @@ def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str, min_event
         changes["update_overhead_s"] = overhead
     rows.append(FitRow("update overhead", "us", hw.update_overhead_s * 1e6, overhead * 1e6 if fitted_overhead else None,
                        len(sel), "intercept per layer update" if fitted_overhead else "kept: one update size or a negative intercept"))
-    return changes, rows, overhead + params * inv_rate
+    factors, crows = _fit_contention("cpu", hw, sel, d_all, overhead + p_all * inv_rate, alone, min_events)
+    return changes, rows + crows, factors
 
 
 # --- device optimizer step -------------------------------------------------------------------------------
@@ -419,7 +427,6 @@ def _fit_gpu_update(evs: list[pd.DataFrame], cms: list, hw: HardwareProfile, ove
 
 
 # --- contention ----------------------------------------------------------------------------------------
-CONTENTION_ROUNDS = 6
 MIN_OVERLAP = 0.05           # an event counts as overlapped with a resource beyond this fraction
 MAX_K = 0.9                  # c / (1 + c) at most: a resource slows another 10x at most
 
@@ -447,52 +454,37 @@ def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
     return ev
 
 
-def _fit_contention(sel: pd.DataFrame, pred: np.ndarray, min_events: int) -> dict[str, float]:
-    """Non-negative factors c_s (HardwareProfile.contention) from durations and base predictions.
-    The engine runs a task at 1 / (1 + c) of its speed while s is busy, so with a fraction f of
-    its time overlapped its work is pred = d (1 - f c / (1 + c)): linear in k = c / (1 + c),
-    (d - pred) / d = sum_s k_s f_s, solved by least squares. Only resources that overlapped at
-    least `min_events` of the events are fitted; a negative k is dropped and the rest refit."""
-    d = sel["duration_s"].to_numpy(float)
-    names = [r for r in RESOURCES if f"busy_{r}" in sel and (sel[f"busy_{r}"] > MIN_OVERLAP).sum() >= min_events]
-    while names:
-        F = sel[[f"busy_{r}" for r in names]].to_numpy(float)
-        k, *_ = np.linalg.lstsq(F, (d - pred) / d, rcond=None)
-        if (k >= 0).all():
-            k = np.minimum(k, MAX_K)
-            return {r: float(x / (1 - x)) for r, x in zip(names, k) if x > 1e-6}
-        names.pop(int(np.argmin(k)))
-    return {}
+def _alone(sel: pd.DataFrame, split: np.ndarray, min_events: int) -> np.ndarray:
+    """Rows that ran with no other resource busy: they pin the base constants, so that a slow-down
+    seen beside other work cannot pass for a slower machine (or the reverse). All rows when too
+    few ran alone in either group of `split` (forward-like / backward rows): then no contention is
+    fitted."""
+    overlap = sel[[c for c in sel.columns if c.startswith("busy_")]].sum(axis=1).to_numpy() if len(sel) else np.zeros(0)
+    alone = overlap <= MIN_OVERLAP
+    enough = all((alone & (split == g)).sum() >= min_events for g in np.unique(split))
+    return alone if enough else np.ones(len(sel), bool)
 
 
-def _slow(sel: pd.DataFrame, factors: dict[str, float]) -> np.ndarray:
-    """duration / work of each row under `factors` (the inverse of the relation above)."""
-    busy_k = np.zeros(len(sel))
-    for r, c in factors.items():
-        busy_k += c / (1 + c) * sel[f"busy_{r}"].to_numpy(float)
-    return 1.0 / np.maximum(1.0 - busy_k, 1.0 - MAX_K)
-
-
-def _fit_with_contention(fit, sel: pd.DataFrame, victim: str, hw: HardwareProfile, min_events: int):
-    """Alternate between the base constants (durations divided by the current slow-down) and the
-    contention factors (given the base predictions) for a few rounds. `fit(slow)` is a fit above;
-    `sel` its rows. Returns (changes, rows, factors)."""
-    factors: dict[str, float] = {}
-    changes, rows, pred = fit(None)
-    for _ in range(CONTENTION_ROUNDS if changes else 0):
-        new = _fit_contention(sel, pred, min_events)
-        settled = all(abs(new.get(r, 0.0) - factors.get(r, 0.0)) < 1e-3 for r in set(new) | set(factors))
-        factors = new
-        if settled:
-            break
-        changes, rows, pred = fit(_slow(sel, factors))
+def _fit_contention(victim: str, hw: HardwareProfile, sel: pd.DataFrame, d: np.ndarray, pred: np.ndarray,
+                    alone: np.ndarray, min_events: int) -> tuple[dict[str, float], list[FitRow]]:
+    """Contention factors of `victim` from every row's duration `d` and its base prediction `pred`
+    (fitted on the rows that ran alone). The engine runs a task at 1 / (1 + c) of its speed while
+    s is busy, so with a fraction f of its time overlapped its work pred = d (1 - k f),
+    k = c / (1 + c): (d - pred) / d = sum_s k_s f_s, least squares with k >= 0 (capped at MAX_K).
+    Fitted only for resources that overlapped at least `min_events` rows, and only when the base
+    came from rows that ran alone; the profile's factors are kept otherwise."""
     before = hw.contention.get(victim, {})
-    for r in RESOURCES:
-        if r in factors or r in before:
-            n = int((sel[f"busy_{r}"] > MIN_OVERLAP).sum()) if f"busy_{r}" in sel else 0
-            rows.append(FitRow(f"{victim} slowed by busy {r}", "x", before.get(r, 0.0), factors.get(r, 0.0), n,
-                               "speed / (1 + x) while it is busy"))
-    return changes, rows, factors
+    busy = [r for r in RESOURCES if f"busy_{r}" in sel and (sel[f"busy_{r}"] > MIN_OVERLAP).sum() >= min_events]
+    if alone.all() or not busy:
+        why = "kept: no rows ran alone to pin the base" if alone.all() and len(sel) else "kept: nothing overlapped"
+        return dict(before), [FitRow(f"{victim} slowed by busy {r}", "x", x, None, 0, why) for r, x in before.items()]
+    F = sel[[f"busy_{r}" for r in busy]].to_numpy(float)
+    k = np.minimum(nonneg_lstsq(F, (d - pred) / d, np.ones_like(d), np.ones(len(busy), bool)), MAX_K)
+    factors = {r: float(x / (1 - x)) for r, x in zip(busy, k) if x > 1e-6}
+    rows = [FitRow(f"{victim} slowed by busy {r}", "x", before.get(r, 0.0), factors.get(r, 0.0),
+                   int((sel[f"busy_{r}"] > MIN_OVERLAP).sum()), "speed / (1 + x) while it is busy")
+            for r in RESOURCES if r in busy or r in before]
+    return factors, rows
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -517,14 +509,11 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     cms = [_compute_model(t, base, dtype) for t in traces]
     ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
-    compute_rows = pd.concat([c.events for c in compute]) if compute else ev.iloc[:0]
     changes: dict = {}
     rows: list[FitRow] = []
     contention = {r: dict(row) for r, row in base.contention.items()}
-    for victim, fit, sel in (
-            ("gpu", lambda slow: _fit_compute(compute, base, dtype, min_events, slow), compute_rows),
-            ("cpu", lambda slow: _fit_update(ev, base, optimizer, min_events, slow), _update_events(ev))):
-        part, r, factors = _fit_with_contention(fit, sel, victim, base, min_events)
+    for victim, (part, r, factors) in (("gpu", _fit_compute(compute, base, dtype, min_events)),
+                                         ("cpu", _fit_update(ev, base, optimizer, min_events))):
         changes.update(part)
         rows += r
         if part:
