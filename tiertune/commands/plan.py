@@ -220,7 +220,7 @@ def run_compare(args: argparse.Namespace) -> int:
     sys.stdout.write(with_nan[show].to_string(index=False, float_format=lambda x: f"{x:.3f}") + "\n")
     for _, r in df[~df["fits"].astype(bool)].iterrows():
         print(f"{r['policy']}: {r['why_not_fit']}")
-    lossy = df[df["fits"].astype(bool) & (df["lossless"] == False)]     # noqa: E712 (None: unknown)
+    lossy = df[df["fits"].astype(bool) & df["lossless"].eq(False)]      # None: unknown
     if len(lossy) and not _ranks(args) and args.max_compression_error is None:
         print(f"note: {', '.join(lossy['policy'])} compress(es) gradients (lossy); the planner searched lossless "
               f"schedules only: --grad-rank D or --max-compression-error E lets it compress too")

@@ -26,11 +26,12 @@ the durations of the trace's tasks, grouped by resource and task kind:
   when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too), and the
   fixed cost per update when the updates come in several sizes.
 
-- contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the fraction of
-  each event's time that every other resource was busy (from the same trace) enters the same
-  least-squares problem as the base constants: a task runs at 1 / (1 + c_s) of its speed while s
-  is busy, as the engine does, which is linear in c_s / (1 + c_s) (kept >= 0). Runs where the same work ran alone (gpu-only,
-  ZeRO-Offload's serial update) pin the base; overlapped runs (Fuyou) then give the factors.
+- contention (`HardwareProfile.contention`): for compute tasks and cpu updates, the constants
+  above come from the events that ran with no other resource busy (gpu-only runs, ZeRO-Offload's
+  serial update), and the factors from how much longer every other event took than those
+  constants predict, against the fraction of its time each other resource was busy (from the
+  same trace). A task runs at 1 / (1 + c_s) of its speed while s is busy, as the engine does.
+  With too few events that ran alone, every event fits the constants and no factor is fitted.
 
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
 ones. A group with fewer than `min_events` events is skipped, and the table says so.
@@ -219,6 +220,7 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str,
     scales = dict(zip(cols, coef))
     if scales["fwd"] <= 0:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")], {}
+    pred = overhead + X @ coef + np.where(back, factor, 1.0) * e      # every event, without contention
     new_peak = peak / scales["fwd"]
     changes: dict = {"gpu_flops": dict(hw.gpu_flops, **{dtype: new_peak})}
     rows = [FitRow(name, "TFLOP/s", peak / 1e12, new_peak / 1e12, len(sel), f"scale x{new_peak / peak:.3g} {how}; {by_kind}")]
@@ -233,7 +235,6 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str,
         factor = scales["bwd"] / scales["fwd"]
         changes["backward_factor"] = factor
         rows.append(FitRow("backward factor", "x fwd", hw.backward_factor, factor, int(back.sum()), ""))
-    pred = overhead + X @ coef + np.where(back, factor, 1.0) * e
     factors, crows = _fit_contention("gpu", hw, sel, d, pred, alone, min_events)
     return changes, rows + crows, factors
 
@@ -476,7 +477,7 @@ def _fit_contention(victim: str, hw: HardwareProfile, sel: pd.DataFrame, d: np.n
     before = hw.contention.get(victim, {})
     busy = [r for r in RESOURCES if f"busy_{r}" in sel and (sel[f"busy_{r}"] > MIN_OVERLAP).sum() >= min_events]
     if alone.all() or not busy:
-        why = "kept: no rows ran alone to pin the base" if alone.all() and len(sel) else "kept: nothing overlapped"
+        why = "kept: too few events overlapped" if not busy else "kept: too few events ran alone to pin the base"
         return dict(before), [FitRow(f"{victim} slowed by busy {r}", "x", x, None, 0, why) for r, x in before.items()]
     F = sel[[f"busy_{r}" for r in busy]].to_numpy(float)
     k = np.minimum(nonneg_lstsq(F, (d - pred) / d, np.ones_like(d), np.ones(len(busy), bool)), MAX_K)
