@@ -126,3 +126,53 @@ def test_a_task_recorded_in_pieces_replays_as_their_sum():
     again = replay(pieces)
     assert again.coverage == 1.0
     assert again.iteration_s == pytest.approx(res.iteration_s, rel=0.01)
+
+
+def _as_measured(trace: Trace, gap_s: float) -> Trace:
+    """The trace as if the executor had recorded it, with `gap_s` of unrecorded host time before
+    every device task (each later event moves by the gaps before it)."""
+    ev = trace.events.sort_values("start_s", kind="stable").reset_index(drop=True)
+    gpu_starts = ev.loc[ev.resource == "gpu", "start_s"].to_numpy()
+    shift = gap_s * ev["start_s"].apply(lambda s: int((gpu_starts <= s).sum()))
+    ev = ev.assign(start_s=ev.start_s + shift, end_s=ev.end_s + shift, source="measured")
+    return Trace(ev, trace.memory, {**trace.meta, "source": "measured"})
+
+
+def test_host_time_between_device_tasks_is_kept_and_not_scaled():
+    """Gaps on the device lane that no event explains (the compute thread issuing copies) are
+    part of a measured iteration: an unchanged replay keeps them, and a faster device does not
+    shrink them."""
+    m, t, hw = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=16), load_hardware("lsp-4090")
+    res = simulate(m, t, hw, make_policy("gpu-only", m, t, hw), iterations=3)
+    gap = 1e-3
+    measured = _as_measured(res.trace, gap)
+    per_iter = int((res.trace.events.resource == "gpu").sum() / 3)
+    busy = res.busy_s["gpu"]
+    assert measured.iteration_s() == pytest.approx(res.iteration_s + per_iter * gap, rel=1e-6)
+    assert replay(measured).iteration_s == pytest.approx(measured.iteration_s(), rel=0.01)
+    faster = replay(measured, {"gpu": 2.0})
+    assert faster.iteration_s == pytest.approx(busy / 2 + per_iter * gap, rel=0.02)
+
+
+def test_a_measured_run_replays_in_the_order_its_resources_ran_their_tasks():
+    """The executor's resources are FIFO queues fed in program order: replay keeps each one's
+    recorded order, so a measured Fuyou run (SSD reads of weights and optimizer state interleaved
+    in one queue) replays close to its recorded time."""
+    import tempfile
+
+    from tiertune.executor.run import train_plan
+    from tiertune.schedule import Plan
+
+    m, t = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=32)
+    plan = make_policy("fuyou", m, t, load_hardware("fuyou-4090-1ssd"))
+    plan = Plan.from_dict({**plan.to_dict(), "hardware": "local-cpu"})
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train_plan(m, plan, 4, offload_dir=tmp, progress=False)
+    again = replay(res.trace)
+    assert again.coverage > 0.9
+    assert again.iteration_s == pytest.approx(res.trace.iteration_s(), rel=0.05)
+    ev = again.result.trace.events
+    for resource, recorded in res.trace.events.groupby("resource"):
+        replayed = ev[(ev.resource == resource) & ev.task.isin(set(recorded.task))]
+        assert list(replayed.sort_values("start_s").task) == list(
+            recorded[recorded.task.isin(set(replayed.task))].sort_values("start_s").task), resource

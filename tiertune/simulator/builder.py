@@ -107,6 +107,28 @@ class TaskGraph:
         self._rows, self._frees = [], []
         return self
 
+    def permuted(self, order: list[int]) -> "TaskGraph":
+        """The same (finished) graph with task order[k] as task k: other priorities, same work.
+        `order` must keep every edge going from a smaller to a larger id."""
+        n = len(self)
+        new = [0] * n
+        for k, t in enumerate(order):
+            new[t] = k
+        g = TaskGraph(resident=list(self.resident), capacity=list(self.capacity), pool=list(self.pool),
+                      pool_slots=list(self.pool_slots), contention=self.contention, iterations=self.iterations)
+        for col in ("kind", "tag", "layer", "iteration", "micro", "resource", "duration", "nbytes", "flops"):
+            old = getattr(self, col)
+            setattr(g, col, [old[t] for t in order])
+        g.alloc = tuple([a[t] for t in order] for a in self.alloc)
+        g.free = tuple([f[t] for t in order] for f in self.free)
+        g.succ = [[new[v] for v in self.succ[t]] for t in order]
+        for k, vs in enumerate(g.succ):
+            assert all(v > k for v in vs), "a permutation must keep task ids topologically ordered"
+        g.npred = [0] * n
+        for k, t in enumerate(order):
+            g.npred[k] = self.npred[t]
+        return g
+
     # --- reading -------------------------------------------------------------------------------
     def name(self, t: int) -> str:
         tag = f".{self.tag[t]}" if self.tag[t] else ""
@@ -255,6 +277,10 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         if rank and lp.params != "gpu":
             dur += cost(cm.cpu_apply_s, c.params)           # the dense weights absorb P U Q^T on the host
         u = g.add("update", "", i, it, 0, CPU, dur, cpu=out)
+        if len(upd_seq) >= g.pool_slots[CPU]:
+            # The optimizer's workers take steps in issue order (DeepSpeed's CPU Adam, our executor):
+            # one whose gradient is ready early does not jump ahead of the layer the next forward needs first.
+            g.edge(upd_seq[-g.pool_slots[CPU]], u)
         upd_seq.append(u)
         g.edge(sr, u)
         for x in grad_ready:
@@ -289,6 +315,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         return u
 
     prev_end: int | None = None          # the compute task everything of the next micro-batch follows
+    # The last layer's backward follows its forward at once: its streamed weights stay on the
+    # device between the two (our executor, Fuyou, MegaTrain) instead of leaving and coming back.
+    keep_last = lp_[n - 1].params != "gpu" and passes == 1
     for it in range(iterations):
         grads: list[list[int]] = [[] for _ in range(n)]     # gradient arrivals per layer over micro-batches
         upd_seq.clear()                                      # this step's CPU updates, in issue order
@@ -304,7 +333,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.edge(prev_end, f)
                 if h is None and mb == 0:
                     g.edge(upd_done[i], f)
-                if h is not None:
+                if h is not None and not (keep_last and i == n - 1):
                     g.release(f, 0, wb[i])
                 if lp.activations == "recompute":
                     g.release(f, 0, act[i] - ckpt[i])
@@ -327,7 +356,12 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 sfx = "" if last else ".norm"
                 for i in reversed(range(n)):
                     lp, c = lp_[i], costs[i]
-                    h = load_weights(i, it, mb, first_use=False, phase="bwd" if last else "norm")
+                    if keep_last and i == n - 1:
+                        h = None
+                        freed_w = wb[i]
+                    else:
+                        h = load_weights(i, it, mb, first_use=False, phase="bwd" if last else "norm")
+                        freed_w = wb[i] if h is not None else 0
                     prep = None
                     if lp.activations in ("cpu", "ssd"):
                         o, w = homes[i]
@@ -356,7 +390,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                     g.edge(h, b)
                     g.edge(prep, b)
                     g.edge(prev_end, b)
-                    freed = workspace + (wb[i] if h is not None else 0)
+                    freed = workspace + freed_w
                     if lp.activations == "keep":
                         freed += act[i] if last else 0
                     elif lp.activations == "recompute":

@@ -10,6 +10,9 @@ the graph was timed from the trace.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import math
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
@@ -123,6 +126,92 @@ def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
             g.pool[b] = b
 
 
+def _issue_lags(g: builder.TaskGraph, timed: list[tuple | None]) -> tuple[list[float], list[tuple[int, int]]]:
+    """Per task, the seconds between the moment it could have started in the measured run and its
+    recorded start; and the edges (device task -> task) that say a task was only issued when the
+    compute thread got past that device task.
+
+    On a measured run such a gap is host time no event records: the compute thread's Python work
+    between device tasks (issuing copies, taking buffers, waking from a wait) or a worker's
+    wake-up. It is not work of the task's resource, so a what-if scale leaves it as it is
+    (Daydream's CPU-side gaps, likewise). A copy that sat idle waiting longer than that was issued
+    late: the compute thread only issues work between device tasks (an optimizer-state read once
+    its layer's backward is done), so it waits for the device task that ended last before it
+    started, and keeps only the time since then. Negative gaps (the executor started a task
+    before a dependency the graph has, e.g. a backward that waits for its activations inside
+    autograd) count as none."""
+    n = len(g)
+    ready = [-math.inf] * n
+    for u in range(n):                    # ids are topological: every predecessor comes first
+        if timed[u] is not None:
+            for v in g.succ[u]:
+                ready[v] = max(ready[v], timed[u][2])
+    device = sorted((timed[t][2], t) for t in range(n) if timed[t] is not None and g.resource[t] == builder.GPU)
+    device_ends = [e for e, _ in device]
+    lane_end: dict[int, float] = {}
+    lag = [0.0] * n
+    issued: list[tuple[int, int]] = []
+    for t in sorted((t for t in range(n) if timed[t] is not None), key=lambda t: timed[t][1]):
+        _, start, end = timed[t]
+        r = g.resource[t]                 # the executor runs each resource in one thread
+        at = max(ready[t], lane_end.get(r, -math.inf))
+        if r != builder.GPU:
+            k = bisect.bisect_right(device_ends, start) - 1
+            if k >= 0 and device_ends[k] > at:
+                at = device_ends[k]
+                issued.append((device[k][1], t))
+        if at > -math.inf:
+            lag[t] = max(0.0, start - at)
+        lane_end[r] = max(lane_end.get(r, end), end)
+    return lag, issued
+
+
+def _in_recorded_order(g: builder.TaskGraph, timed: list[tuple | None],
+                       issued: list[tuple[int, int]]) -> builder.TaskGraph:
+    """The graph renumbered so that tasks are urgent in the order the trace started them, and each
+    resource's tasks chained in that order: the executor feeds every resource one queue, in
+    program order, so a task issued later never overtakes one issued earlier (the engine, left to
+    its own priorities, would run an optimizer-state read the moment it is ready, ahead of the
+    weights the next backward waits for). A task the trace did not time keeps the place right
+    after its latest predecessor."""
+    n = len(g)
+    key = [0.0] * n
+    for t in range(n):                    # ids are topological: predecessors are keyed first
+        if timed[t] is not None:
+            key[t] = max(key[t], timed[t][1])
+        for v in g.succ[t]:
+            if key[t] > key[v]:
+                key[v] = key[t]
+    npred = list(g.npred)
+    ready = [(key[t], t) for t in range(n) if npred[t] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, t = heapq.heappop(ready)
+        order.append(t)
+        for v in g.succ[t]:
+            npred[v] -= 1
+            if npred[v] == 0:
+                heapq.heappush(ready, (key[v], v))
+    g = g.permuted(order)
+    new = [0] * n
+    for k, t in enumerate(order):
+        new[t] = k
+    lanes: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for t in range(n):
+        if timed[t] is not None:
+            lanes[g.resource[new[t]]].append((timed[t][1], new[t]))
+    edges = [(new[u], new[v]) for u, v in issued]
+    for tasks in lanes.values():
+        tasks.sort()
+        edges += [(a, b) for (_, a), (_, b) in zip(tasks, tasks[1:])]
+    for a, b in edges:
+        if a < b:                         # where the executor did start b before a's dependencies, skip
+            g.succ[a].append(b)
+            g.npred[b] += 1
+    return g
+
+
 def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | None = None,
            hardware: HardwareProfile | str | None = None) -> ReplayResult:
     scale = dict(scale or {})
@@ -144,31 +233,39 @@ def replay(trace: Trace, scale: dict[str, float] | None = None, plan: Plan | Non
 
     ev = trace.events.sort_values("start_s", kind="stable")
     dur = own_durations(ev).tolist()
-    by_name = dict(zip(ev["task"], dur))
+    rows = list(zip(dur, ev["start_s"], ev["end_s"]))
+    by_name = dict(zip(ev["task"], rows))
     def key_of(t: int) -> tuple:
         return g.iteration[t], g.kind[t], g.layer[t], RESOURCES[g.resource[t]]
 
     by_key: dict[tuple, deque] = defaultdict(deque)
-    for key, d in zip(zip(ev["iteration"], ev["kind"], ev["layer"], ev["resource"]), dur):
-        by_key[key].append(d)
+    for key, row in zip(zip(ev["iteration"], ev["kind"], ev["layer"], ev["resource"]), rows):
+        by_key[key].append(row)
     # A task the executor records in pieces (LOMO's fused update, one event per parameter) is one
     # task of the graph: where a key has more events than tasks, its tasks share the total.
     tasks_per_key = Counter(key_of(t) for t in range(len(g)))
     for key, q in by_key.items():
         n = tasks_per_key.get(key, 0)
         if n and len(q) > n:
-            by_key[key] = deque([sum(q) / n] * n)
-    matched = 0
+            total = sum(d for d, _, _ in q)
+            by_key[key] = deque([(total / n, min(s for _, s, _ in q), max(e for _, _, e in q))] * n)
     names_match = all(g.name(t) in by_name for t in range(min(len(g), 50)))
+    timed: list[tuple | None] = []
     for t in range(len(g)):
-        d = by_name.get(g.name(t)) if names_match else None
-        if d is None:
+        row = by_name.get(g.name(t)) if names_match else None
+        if row is None:
             q = by_key.get(key_of(t))
-            d = q.popleft() if q else None
-        if d is not None:
-            g.duration[t] = float(d)
-            matched += 1
-        g.duration[t] /= scale.get(RESOURCES[g.resource[t]], 1.0)
+            row = q.popleft() if q else None
+        timed.append(row)
+    measured = trace.source == "measured"
+    lag, issued = _issue_lags(g, timed) if measured else ([0.0] * len(g), [])
+    for t, row in enumerate(timed):
+        if row is not None:
+            g.duration[t] = float(row[0])
+        g.duration[t] = g.duration[t] / scale.get(RESOURCES[g.resource[t]], 1.0) + lag[t]
+    matched = sum(row is not None for row in timed)
+    if measured:
+        g = _in_recorded_order(g, timed, issued)
     res = run_graph(g, model, train, hw, plan)
     return ReplayResult(trace.iteration_s(), res.iteration_s, res.bottleneck, res.busy_s, scale,
                         matched / max(len(g), 1), res)
