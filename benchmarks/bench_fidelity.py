@@ -22,7 +22,8 @@ cores to them. On a shared 2-core machine, torch's second intra-op thread waits 
 
     .venv/bin/python benchmarks/bench_fidelity.py [--steps 6] [--rounds 2] [--threads 1] [--out benchmarks/results]
 
-Writes fidelity.csv and fidelity_predicted_vs_measured.{png,svg} under --out.
+Writes fidelity.csv, the fitted profile (fidelity_profile.toml) and
+fidelity_predicted_vs_measured.{png,svg} under --out; --traces DIR keeps every measured trace.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--planner-s", type=float, default=10.0, help="time limit of the planner per model")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--traces", metavar="DIR", help="also write every measured trace here (Perfetto JSON)")
     args = ap.parse_args()
     if args.rounds < 2 or args.steps < 3:
         ap.error("--rounds must be >= 2 (fit on one, evaluate on another) and --steps >= 3")
@@ -168,6 +170,10 @@ def main() -> int:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tiertune-fidelity-") as tmp:
         hw, runs = run_all(args.steps, args.rounds, args.planner_s, tmp)
+    if args.traces:
+        Path(args.traces).mkdir(parents=True, exist_ok=True)
+        for r in runs:
+            r["trace"].save(Path(args.traces) / f"{r['model']}-{r['plan']}-round{r['round']}.json")
     fit_set = [r for r in runs if r["round"] == 0]
     test_set = [r for r in runs if r["round"] > 0]
     before = evaluate(test_set, lambda m: hw)
@@ -210,10 +216,11 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "fidelity.csv", index=False)
+    (out / "fidelity_profile.toml").write_text(fit_runs.profile.to_toml())
     pv = table.assign(label=table["model"].str.replace("fid-", "") + " " + table["plan"],
                       predicted_s=table["predicted_after_s"])
     files = plots.save(plots.predicted_vs_measured(pv), out / "fidelity_predicted_vs_measured")
-    print(f"wrote {out / 'fidelity.csv'}, {', '.join(map(str, files))} in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {out / 'fidelity.csv'}, {out / 'fidelity_profile.toml'}, {', '.join(map(str, files))} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

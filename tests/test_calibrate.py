@@ -273,3 +273,19 @@ def test_fit_recovers_a_contention_factor_from_an_overlapped_and_a_serial_run():
     assert hw.gpu_flops["bf16"] == pytest.approx(base.gpu_flops["bf16"], rel=0.01)
     assert "cpu" not in hw.contention
     assert load_hardware_text(hw.to_toml()).contention["gpu"]["cpu"] == pytest.approx(0.4, rel=0.03)
+
+
+def test_fit_calls_a_link_duplex_only_where_its_two_directions_ran_at_once():
+    """Reads and writes that overlapped were measured while sharing the drive: the fitted
+    bandwidths already carry that, so the simulator must run them side by side, not in turn."""
+    base = load_hardware(BASE).replace(ssd_duplex=False, pcie_duplex=False)
+    overlapped = synthetic_trace()                 # every resource's events start at 0
+    hw = fit_profile(overlapped, base).profile
+    assert hw.ssd_duplex and hw.pcie_duplex
+    ev = overlapped.events.copy()
+    for later, first in (("ssd_write", "ssd_read"), ("d2h", "h2d")):
+        shift = ev.loc[ev.resource == first, "end_s"].max()
+        ev.loc[ev.resource == later, ["start_s", "end_s"]] += shift
+    serial = Trace(ev, overlapped.memory, overlapped.meta)
+    hw = fit_profile(serial, base.replace(ssd_duplex=True, pcie_duplex=True)).profile
+    assert not hw.ssd_duplex and not hw.pcie_duplex

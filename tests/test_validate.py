@@ -49,3 +49,28 @@ def test_validate_bad_input_is_one_line_exit_2(capsys, argv, words):
     rc = main(["validate", "--model", "tiny-llama", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("policy", ["fuyou", "zero-offload"])
+def test_the_simulator_moves_the_bytes_the_executor_moves(tmp_path, policy):
+    """Weights, gradients and optimizer state: every copy and SSD transfer of a steady iteration
+    carries as many bytes in the simulated trace as in the measured one (fp32 weights on the SSD
+    travel with their optimizer state, which the CPU update reads and writes whole)."""
+    from tiertune.executor.run import train_plan
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.workload import TrainSpec, load_model
+
+    m, t, hw = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=32), load_hardware("fuyou-4090-1ssd")
+    plan = make_policy(policy, m, t, hw)
+    measured = train_plan(m, plan, 2, offload_dir=tmp_path, progress=False).trace
+    simulated = simulate(m, t, hw, plan, iterations=2).trace
+
+    def moved(trace):
+        ev = trace.events[(trace.events.iteration == 1) & (trace.events.bytes > 0)]
+        ev = ev.assign(what=ev.task.str.split(":").str[0])
+        ev = ev[~ev.what.str.endswith(".act")]       # activations: the cost model's estimate of saved tensors
+        return ev.groupby(["what", "resource"]).bytes.sum().to_dict()
+
+    assert moved(measured) == moved(simulated)
+    assert moved(measured)

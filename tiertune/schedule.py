@@ -56,6 +56,12 @@ class LayerPlan:
     def lossless(self) -> bool:
         return self.grad_rank is None
 
+    @property
+    def optimizer_beside_weights(self) -> bool:
+        """The optimizer updates the weights where they live (host memory or the device), so fp32
+        weights need no separate master; on the SSD the update streams both through host memory."""
+        return self.optimizer == self.params and self.params != "ssd"
+
     def replace(self, **changes) -> "LayerPlan":
         return replace(self, **changes)
 

@@ -298,7 +298,7 @@ class Executor:
                     mod._buffers[k] = b.to(self.dev)
         flat32 = torch.cat([p.detach().reshape(-1).float().cpu() for p in L.params])
         compute = flat32.to(self.dtype)
-        L.shared_master = self.dtype == torch.float32 and lp.optimizer == lp.params and lp.params != "ssd"
+        L.shared_master = self.dtype == torch.float32 and lp.optimizer_beside_weights
         if L.lsp is not None:
             self.meter.alloc("gpu", L.wbytes, f"resident weights of {L.name}")
             L.home = compute.to(self.dev, copy=True)

@@ -42,7 +42,7 @@ def optimizer_params(cm: CostModel, i: int, lp: LayerPlan) -> int:
 
 
 def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
-    return cm.optim_state_bytes(i, lp.grad_rank)
+    return cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights)
 
 
 def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> LayerWork:

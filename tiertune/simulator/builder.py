@@ -198,7 +198,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     sent_params = [cm.compressed_params(i, lp.grad_rank) if lp.grad_rank else costs[i].params
                    for i, lp in enumerate(lp_)]
     # LSP keeps Adam moments in the projected space and no fp32 master (CostModel.optim_state_bytes).
-    opt_bytes = [cm.optim_state_bytes(i, lp.grad_rank) for i, lp in enumerate(lp_)]
+    opt_bytes = [cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights) for i, lp in enumerate(lp_)]
     sent_bytes = [p * e for p in sent_params]
 
     res = g.resident

@@ -125,15 +125,20 @@ class CostModel:
         mats = sum(min(rank, o) * min(rank, i) for o, i in lc.matrices)
         return mats + (lc.params - sum(o * i for o, i in lc.matrices))
 
-    def optim_state_bytes(self, layer: int, rank: int | None) -> int:
-        """Optimizer state of a layer on its optimizer tier. Lossless: fp32 master (unless the weights
-        are fp32) + moments. At grad_rank d (LSP-Offload): only the moments, in the subspace, so scaled
-        by compressed/full parameters; there is no fp32 master anywhere, since LSP adds P U Q^T to the
-        compute-dtype weights on the GPU (a 7B model's fp32 master would not fit beside its bf16 weights
-        on LSP's 24 GB card, and a host master would need the full-size update to come back)."""
+    def optim_state_bytes(self, layer: int, rank: int | None, beside_weights: bool = True) -> int:
+        """Optimizer state of a layer on its optimizer tier. Lossless: fp32 master + moments; fp32
+        weights are their own master only `beside_weights` (the optimizer on the weights' tier, host
+        memory or the device): with the weights on the device and the optimizer on the host
+        (ZeRO-Offload), or both on the SSD (the CPU update streams them through host memory, Fuyou),
+        the optimizer holds and moves its own fp32 copy. At grad_rank d (LSP-Offload): only the
+        moments, in the subspace, so scaled by compressed/full parameters; there is no fp32 master
+        anywhere, since LSP adds P U Q^T to the compute-dtype weights on the GPU (a 7B model's fp32
+        master would not fit beside its bf16 weights on LSP's 24 GB card, and a host master would
+        need the full-size update to come back)."""
         lc = self.layers[layer]
         if rank is None:
-            return lc.optim_bytes
+            own_master = self.train.dtype == "fp32" and not beside_weights
+            return lc.optim_bytes + (4 * lc.params if own_master else 0)
         master = 0 if self.train.dtype == "fp32" else 4 * lc.params
         return (lc.optim_bytes - master) * self.compressed_params(layer, rank) // max(lc.params, 1)
 

@@ -24,7 +24,7 @@ from tiertune.schedule import Plan
 from tiertune.simulator import builder
 from tiertune.simulator.builder import RESOURCES, TIERS
 from tiertune.simulator.run import SimResult, run_graph
-from tiertune.traces.trace import Trace, own_durations
+from tiertune.traces.trace import Trace, overlap_s, own_durations
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
 FALLBACK_HARDWARE = "lsp-4090"
@@ -93,22 +93,6 @@ def _inputs(trace: Trace, plan: Plan | None, hardware: HardwareProfile | str | N
     return model, train, hw, plan
 
 
-def _overlap_s(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    """Seconds during which an event of `a` and an event of `b` both run (each side's events are
-    serial on their resource, so a sweep over the two sorted lists suffices)."""
-    a = a.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
-    b = b.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
-    i = j = 0
-    total = 0.0
-    while i < len(a) and j < len(b):
-        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
 def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
     """Give two resources that share a slot pool in the graph (a half-duplex link) their own pools
     when the trace shows them running at once: the machine did overlap them, and the recorded
@@ -122,7 +106,7 @@ def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
         if ea.empty or eb.empty:
             continue
         smaller = min((ea["end_s"] - ea["start_s"]).sum(), (eb["end_s"] - eb["start_s"]).sum())
-        if _overlap_s(ea, eb) > 0.05 * smaller:
+        if overlap_s(ea, eb) > 0.05 * smaller:
             g.pool[b] = b
 
 

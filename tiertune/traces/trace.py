@@ -38,6 +38,22 @@ def interval_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return a[first], reach[last]
 
 
+def overlap_s(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Seconds during which an event of `a` and an event of `b` both run (each side's events are
+    serial on their resource, so a sweep over the two sorted lists suffices)."""
+    a = a.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+    b = b.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
 def own_durations(events: pd.DataFrame) -> pd.Series:
     """Each event's duration, less, on the device, the time of device events that run inside it.
     The executor records a LOMO backward around the fused update it runs in each gradient's hook;
