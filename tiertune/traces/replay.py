@@ -6,6 +6,12 @@ graph again. Two resources the profile says share a link (half duplex) keep sepa
 the trace shows they ran at once. Tasks the trace did not record (a measured run may not split
 every copy the way the model does) keep the cost model's duration; `coverage` says how much of
 the graph was timed from the trace.
+
+A measured trace is replayed as the executor ran it, which the graph alone does not say: the
+host time between a task becoming ready and starting (Python on the compute thread, a worker's
+wake-up) is kept and not scaled; each resource runs its tasks in the recorded order (the
+executor's resources are FIFO queues fed in program order); a copy issued only when the compute
+thread got past a device task waits for that task (see _issue_lags, _in_recorded_order).
 """
 
 from __future__ import annotations
