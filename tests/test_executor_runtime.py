@@ -205,3 +205,22 @@ def test_hf_model_dir_trains_like_the_plain_loop(tmp_path):
     with Executor(src.build_all(), src.spec, plan, offload_dir=tmp_path / "ssd", optim=OptimConfig(lr=LR)) as ex:
         losses = [ex.step(tk, tg) for tk, tg in data(3)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+
+
+def test_an_allocation_over_budget_waits_for_copies_that_will_free_memory():
+    """A mandatory allocation that only fits once an offload under way has freed its bytes waits
+    for it (a late copy thread on a busy host is not an out-of-memory); with nothing promised it
+    fails at once."""
+    import threading
+    import time
+
+    from tiertune.executor.device import BudgetExceeded, Meter
+
+    meter = Meter(budget=100, clock=time.perf_counter)
+    meter.alloc("gpu", 80)
+    with pytest.raises(BudgetExceeded):
+        meter.alloc("gpu", 60, "activations")
+    meter.promise("gpu", 50)
+    threading.Timer(0.05, lambda: meter.free("gpu", 50, promised=True)).start()
+    meter.alloc("gpu", 60, "activations")
+    assert meter.now["gpu"] == 90 and meter.peak["gpu"] == 90

@@ -28,6 +28,7 @@ from tiertune.errors import InputError
 
 TIERS = ("gpu", "cpu", "ssd")
 GiB = 1 << 30
+PROMISE_WAIT_S = 60.0       # longest wait for promised memory before an allocation gives up
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -49,10 +50,23 @@ class Meter:
         self._clock = clock
         self._cuda = cuda
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._promised = dict.fromkeys(TIERS, 0)     # bytes that copies under way will free
+
+    def promise(self, tier: str, n: int) -> None:
+        """A copy under way will free n bytes of `tier` (`free(..., promised=True)` when it has)."""
+        with self._lock:
+            self._promised[tier] += n
 
     def alloc(self, tier: str, n: int, what: str = "") -> None:
+        """Take n bytes; on the budgeted device, first wait for copies under way that will free
+        memory (an offload of the previous layer's activations running late behind a busy host,
+        as a CUDA executor waits for the copy stream before reusing memory); over budget then, fail."""
         with self._lock:
             new = self.now[tier] + n
+            while (tier == "gpu" and self.budget is not None and new > self.budget and self._promised[tier] > 0
+                   and self._freed.wait(timeout=PROMISE_WAIT_S)):
+                new = self.now[tier] + n
             if tier == "gpu" and self.budget is not None and new > self.budget:
                 raise BudgetExceeded(f"device budget {self.budget / GiB:.4g} GiB exceeded by {what or 'an allocation'}: "
                                      f"{self.now[tier] / GiB:.4g} GiB in use + {n / GiB:.4g} GiB needed")
@@ -67,9 +81,12 @@ class Meter:
             self._set(tier, new)
             return True
 
-    def free(self, tier: str, n: int) -> None:
+    def free(self, tier: str, n: int, promised: bool = False) -> None:
         with self._lock:
             self._set(tier, self.now[tier] - n)
+            if promised:
+                self._promised[tier] -= n
+            self._freed.notify_all()
 
     def set(self, tier: str, n: int) -> None:
         with self._lock:

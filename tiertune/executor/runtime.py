@@ -456,8 +456,9 @@ class Executor:
         def drop():
             for s in slots:
                 s.t = None
-            self.meter.free("gpu", total)
+            self.meter.free("gpu", total, promised=True)
 
+        self.meter.promise("gpu", total)
         ctx.offload = self.eng["d2h"].submit(copy_out, "offload", L.i, self.it, total, "act", mb=mb, then=drop)
         if L.lp.activations == "ssd":
             key = f"a{L.i}.mb{mb}"
@@ -659,8 +660,9 @@ class Executor:
                 v = L.view(ghost, k)
                 v.copy_(g, non_blocking=True) if first else v.add_(g.to(ghost.device, torch.float32))
             return None
+        self.meter.promise("gpu", gbytes)
         f = self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, gbytes, "grad", mb=mb,
-                                   then=lambda: self.meter.free("gpu", gbytes))
+                                   then=lambda: self.meter.free("gpu", gbytes, promised=True))
         L.grad_futs.append(f)
         if last_mb and lp.update == "overlap":
             self._cpu_update(L, 1.0)
@@ -820,8 +822,9 @@ class Executor:
             for k, s in small.items():
                 host[k].copy_(s, non_blocking=True)
             return None
+        self.meter.promise("gpu", sbytes)
         L.grad_futs.append(self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, sbytes, "grad", mb=mb,
-                                                  then=lambda: self.meter.free("gpu", sbytes)))
+                                                  then=lambda: self.meter.free("gpu", sbytes, promised=True)))
 
     def _lsp_update(self, L: _Layer, coef: float) -> None:
         """CPU: AdamW on S in the subspace (worker thread), then the d x d update back on the h2d engine."""
