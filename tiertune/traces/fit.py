@@ -47,13 +47,12 @@ import pandas as pd
 from tiertune.errors import InputError
 from tiertune.hardware import GB, Curve, HardwareProfile
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
-from tiertune.traces.trace import RESOURCES, Trace, interval_union, overlap_s, own_durations
+from tiertune.traces.trace import DUPLEX_SHARE, RESOURCES, Trace, interval_union, overlap_share, own_durations
 
 MIN_EVENTS = 3
 COMPUTE_KINDS = ("forward", "backward", "recompute")
 FP32_BYTES = 4
 MAX_TABLE_POINTS = 24
-DUPLEX_OVERLAP = 0.05        # share of the lighter direction's busy time that marks a link duplex
 
 
 @dataclass(frozen=True)
@@ -257,25 +256,20 @@ def _links(hw: HardwareProfile) -> list[Link]:
 
 
 def _fit_duplex(evs: list[pd.DataFrame], hw: HardwareProfile) -> tuple[dict, list[FitRow]]:
-    """Whether each link's two directions ran at once in the traces (>= DUPLEX_OVERLAP of the
-    lighter direction's busy time): then the machine is duplex as far as the simulator is
-    concerned. The fitted bandwidths come from those overlapped transfers (busy_preserving), so
-    serialising the two again would count the sharing twice: an executor's SSD read and write
-    threads on one NVMe drive overlapped for most of a Fuyou step, 24% slower each."""
+    """Whether each link's two directions ran at once in the traces (trace.DUPLEX_SHARE, the rule
+    replay keeps them apart by): then the machine is duplex as far as the simulator is concerned.
+    The fitted bandwidths come from those overlapped transfers (busy_preserving), so serialising
+    the two again would count the sharing twice."""
     changes: dict = {}
     rows: list[FitRow] = []
     for name, (a, b), attr in (("pcie", ("h2d", "d2h"), "pcie_duplex"), ("ssd", ("ssd_read", "ssd_write"), "ssd_duplex")):
-        both = [(e[e["resource"] == a], e[e["resource"] == b]) for e in evs]
-        both = [(x, y) for x, y in both if len(x) and len(y)]
-        if not both:
+        both, lighter = map(sum, zip(*(overlap_share(e, a, b) for e in evs)))
+        if not lighter:
             continue
-        overlap = sum(overlap_s(x, y) for x, y in both)
-        lighter = sum(min((x["end_s"] - x["start_s"]).sum(), (y["end_s"] - y["start_s"]).sum()) for x, y in both)
-        share = overlap / lighter if lighter > 0 else 0.0
-        duplex = share >= DUPLEX_OVERLAP
-        changes[attr] = duplex
-        rows.append(FitRow(f"{name} duplex", "yes=1", float(getattr(hw, attr)), float(duplex),
-                           sum(len(x) + len(y) for x, y in both),
+        share = both / lighter
+        changes[attr] = share > DUPLEX_SHARE
+        events = int(sum(e["resource"].isin((a, b)).sum() for e in evs))
+        rows.append(FitRow(f"{name} duplex", "yes=1", float(getattr(hw, attr)), float(changes[attr]), events,
                            f"{a} and {b} overlapped {share:.0%} of the lighter one's busy time"))
     return changes, rows
 

@@ -30,7 +30,7 @@ from tiertune.schedule import Plan
 from tiertune.simulator import builder
 from tiertune.simulator.builder import RESOURCES, TIERS
 from tiertune.simulator.run import SimResult, run_graph
-from tiertune.traces.trace import Trace, overlap_s, own_durations
+from tiertune.traces.trace import DUPLEX_SHARE, Trace, overlap_share, own_durations
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
 FALLBACK_HARDWARE = "lsp-4090"
@@ -108,11 +108,8 @@ def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
     for a, b in ((builder.H2D, builder.D2H), (builder.SSD_READ, builder.SSD_WRITE)):
         if g.pool[b] != g.pool[a]:
             continue
-        ea, eb = ev[ev["resource"] == RESOURCES[a]], ev[ev["resource"] == RESOURCES[b]]
-        if ea.empty or eb.empty:
-            continue
-        smaller = min((ea["end_s"] - ea["start_s"]).sum(), (eb["end_s"] - eb["start_s"]).sum())
-        if overlap_s(ea, eb) > 0.05 * smaller:
+        both, lighter = overlap_share(ev, RESOURCES[a], RESOURCES[b])
+        if lighter and both > DUPLEX_SHARE * lighter:
             g.pool[b] = b
 
 

@@ -38,20 +38,30 @@ def interval_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return a[first], reach[last]
 
 
-def overlap_s(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    """Seconds during which an event of `a` and an event of `b` both run (each side's events are
-    serial on their resource, so a sweep over the two sorted lists suffices)."""
-    a = a.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
-    b = b.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+# A link whose two directions overlapped for more than this share of the lighter one's busy time
+# ran them at once: replay keeps them apart, a fit calls the link duplex.
+DUPLEX_SHARE = 0.05
+
+
+def overlap_share(events: pd.DataFrame, a: str, b: str) -> tuple[float, float]:
+    """(seconds during which an event on resource `a` and one on `b` both ran, busy seconds of the
+    lighter of the two). Each side's events are serial on their resource, so a sweep over the two
+    sorted lists suffices."""
+    ea, eb = events[events["resource"] == a], events[events["resource"] == b]
+    if ea.empty or eb.empty:
+        return 0.0, 0.0
+    lighter = float(min((ea["end_s"] - ea["start_s"]).sum(), (eb["end_s"] - eb["start_s"]).sum()))
+    x = ea.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
+    y = eb.sort_values("start_s")[["start_s", "end_s"]].to_numpy()
     i = j = 0
-    total = 0.0
-    while i < len(a) and j < len(b):
-        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
-        if a[i][1] < b[j][1]:
+    both = 0.0
+    while i < len(x) and j < len(y):
+        both += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
             i += 1
         else:
             j += 1
-    return total
+    return both, lighter
 
 
 def own_durations(events: pd.DataFrame) -> pd.Series:
