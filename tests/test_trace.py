@@ -14,7 +14,8 @@ events = st.lists(st.fixed_dictionaries({
     "kind": st.sampled_from(["forward", "backward", "load", "update"]), "layer": st.integers(0, 100),
     "resource": st.sampled_from(RESOURCES),
     "start_s": st.floats(0, 1e3, allow_nan=False), "end_s": st.floats(0, 1e3, allow_nan=False),
-    "bytes": st.integers(0, 2**50), "flops": st.floats(0, 1e18, allow_nan=False)}), max_size=30)
+    "bytes": st.integers(0, 2**50), "flops": st.floats(0, 1e18, allow_nan=False)}), max_size=30).map(
+    lambda evs: [{**e, "end_s": e["start_s"] + e["end_s"]} for e in evs])     # end_s drawn as a duration
 memory = st.lists(st.fixed_dictionaries({"time_s": st.floats(0, 1e3, allow_nan=False),
                                          "tier": st.sampled_from(["gpu", "cpu", "ssd"]),
                                          "bytes": st.integers(0, 2**50)}), max_size=20)

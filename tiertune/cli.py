@@ -2,14 +2,17 @@
 registers its parser; heavy imports (torch, ortools) happen inside the handlers so `--help`
 and `presets` stay fast.
 
-Bad input (`InputError`, unreadable/unwritable files) ends with one line on stderr and exit 2.
+Bad input (`InputError`, unreadable/unwritable files) ends with one line on stderr and exit 2;
+Ctrl-C with "tiertune: interrupted" and exit 130, after the clean-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from tiertune.errors import InputError
 
@@ -43,9 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_once(signum, frame) -> None:
+    """The first Ctrl-C stops the command; later ones are ignored, so that the clean-up it starts
+    (temp files removed, worker threads joined, a half-written output deleted) runs to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                        # --help (0) or a bad flag (2, one line printed)
+        return exc.code if isinstance(exc.code, int) else 0
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as exc:

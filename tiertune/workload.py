@@ -108,8 +108,12 @@ class TrainSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InputError(f"train.{f} must be a positive integer, got {v!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise InputError(f"train.grad_clip must be positive or null, got {self.grad_clip!r}")
+        clip = self.grad_clip
+        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
+                                 or not 0 < clip < float("inf")):
+            raise InputError(f"train.grad_clip must be a positive number or null, got {clip!r}")
+        if not isinstance(self.flash_attention, bool):
+            raise InputError(f"train.flash_attention must be true or false, got {self.flash_attention!r}")
 
     @property
     def tokens(self) -> int:

@@ -15,7 +15,10 @@ Spec (TOML):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import math
 import os
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,11 +30,13 @@ import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write
+from tiertune.limits import MAX_COUNT, MAX_GIB, MAX_ITERATIONS, MAX_SECONDS
 
 SPEC_KEYS = {"models", "hardware", "gpu_mem_gib", "policies", "planner_time_limit_s", "train", "iterations"}
 KEY_COLUMNS = ["model", "hardware", "gpu_mem_gib", "policy"]
 RESULT_COLUMNS = KEY_COLUMNS + ["fits", "iteration_s", "tokens_per_s", "tflops", "peak_gpu", "peak_cpu",
-                                "peak_ssd", "bottleneck", "error"]
+                                "peak_ssd", "bottleneck", "error", "spec_hash"]
+
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,17 @@ class SweepSpec:
 
     def rows(self) -> list[tuple]:
         return list(itertools.product(self.models, self.hardware, self.gpu_mem_gib, self.policies))
+
+    def row_hash(self) -> str:
+        """What a row's result depends on besides its key: a row computed under another value
+        (another iteration count, time limit or training setting) is computed again."""
+        settings = {"train": self.train, "planner_time_limit_s": self.planner_time_limit_s,
+                    "iterations": self.iterations}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -75,19 +91,31 @@ def load_spec(path: str | Path) -> SweepSpec:
         if p != "planner" and p not in POLICIES:
             raise InputError(f"sweep spec: unknown policy {p!r}; known: {', '.join([*POLICIES, 'planner'])}")
     budgets = d.get("gpu_mem_gib", [None])
-    if not isinstance(budgets, list) or not all(isinstance(b, (int, float)) and b > 0 for b in budgets if b is not None):
-        raise InputError("sweep spec: gpu_mem_gib must be a list of positive numbers")
+    if not isinstance(budgets, list) or not budgets or not all(_number(b) and 0 < b <= MAX_GIB for b in budgets
+                                                               if b is not None):
+        raise InputError(f"sweep spec: gpu_mem_gib must be a non-empty list of numbers in (0, {MAX_GIB:g}], "
+                         f"got {budgets!r}")
+    limit = d.get("planner_time_limit_s", 5.0)
+    if not _number(limit) or not 0 < limit <= MAX_SECONDS:
+        raise InputError(f"sweep spec: planner_time_limit_s must be a number of seconds in (0, {MAX_SECONDS:g}], "
+                         f"got {limit!r}")
+    iterations = d.get("iterations", 3)
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or not 1 <= iterations <= MAX_ITERATIONS:
+        raise InputError(f"sweep spec: iterations must be an integer in [1, {MAX_ITERATIONS}], got {iterations!r}")
     train = d.get("train", {})
+    for key in ("batch", "seq_len", "grad_accum"):
+        v = train.get(key) if isinstance(train, dict) else None
+        if isinstance(v, int) and v > MAX_COUNT:
+            raise InputError(f"sweep spec: train.{key} must be at most {MAX_COUNT}, got {v}")
     TrainSpec.from_dict(train)                     # validates the fields now, not in a worker
     return SweepSpec(models=tuple(d["models"]), hardware=tuple(d["hardware"]),
                      gpu_mem_gib=tuple(float(b) if b is not None else None for b in budgets),
                      policies=tuple(d["policies"]), train=dict(train),
-                     planner_time_limit_s=float(d.get("planner_time_limit_s", 5.0)),
-                     iterations=int(d.get("iterations", 3)))
+                     planner_time_limit_s=float(limit), iterations=iterations)
 
 
 def run_row(model_name: str, hw_name: str, gpu_mem_gib: float | None, policy: str, train: dict,
-            planner_time_limit_s: float, iterations: int) -> dict:
+            planner_time_limit_s: float, iterations: int, spec_hash: str = "") -> dict:
     """One sweep row from names (what crosses a process or Ray boundary)."""
     from tiertune.hardware import load_hardware
     from tiertune.workload import TrainSpec, load_model
@@ -96,7 +124,7 @@ def run_row(model_name: str, hw_name: str, gpu_mem_gib: float | None, policy: st
     hw = load_hardware(hw_name).with_gpu_mem(gpu_mem_gib)
     spec = TrainSpec.from_dict({"batch": 1, "seq_len": min(2048, model.max_seq_len), **train})
     row = {"model": model_name, "hardware": hw_name, "gpu_mem_gib": gpu_mem_gib, "policy": policy}
-    return {**row, **evaluate(model, spec, hw, policy, planner_time_limit_s, iterations)}
+    return {**row, **evaluate(model, spec, hw, policy, planner_time_limit_s, iterations), "spec_hash": spec_hash}
 
 
 def evaluate(model, train, hw, policy: str, planner_time_limit_s: float = 5.0, iterations: int = 3) -> dict:
@@ -136,7 +164,8 @@ def _save(rows: list[dict], out: Path) -> None:
 
 def run_sweep(spec: SweepSpec, out: str | Path, ray_address: str | None = None, workers: int | None = None,
               progress: Callable[[Iterable], Iterable] | None = None) -> pd.DataFrame:
-    """Run every row not already in `out` and save after each one, so an interrupted sweep resumes."""
+    """Run every row not already in `out` under this spec's settings (`row_hash`), and save after
+    each one, so an interrupted sweep resumes; a row computed under other settings is replaced."""
     out = Path(out)
     done: list[dict] = []
     if out.exists():
@@ -144,14 +173,15 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_address: str | None = None, 
             done = pd.read_parquet(out).to_dict("records")
         except Exception as exc:      # pyarrow raises several unrelated types for a damaged file
             raise InputError(f"existing results {out} are unreadable ({exc}); move it away to start over") from None
-    have = {_key(r) for r in done}
+    digest = spec.row_hash()
+    have = {_key(r) for r in done if r.get("spec_hash") == digest}
     todo = [r for r in spec.rows() if _key(dict(zip(KEY_COLUMNS, r))) not in have]
-    args = [(m, h, g, p, spec.train, spec.planner_time_limit_s, spec.iterations) for m, h, g, p in todo]
+    args = [(m, h, g, p, spec.train, spec.planner_time_limit_s, spec.iterations, digest) for m, h, g, p in todo]
     results = _run_ray(args, ray_address) if ray_address else _run_pool(args, workers)
     if progress is not None:
         results = progress(results, total=len(args))
     for row in results:
-        done.append(row)
+        done = [r for r in done if _key(r) != _key(row)] + [row]
         _save(done, out)
     if not args:
         _save(done, out)

@@ -5,13 +5,13 @@ measured trace (`--from-trace`). The output TOML works anywhere a preset name do
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from tiertune.commands.common import COUNT, GIB
 from tiertune.errors import InputError
-from tiertune.fileio import atomic_write_text
+from tiertune.fileio import atomic_write_text, check_output
 from tiertune.hardware import GB, GiB, HardwareProfile, load_hardware, profile_from_dict
 
 
@@ -23,7 +23,7 @@ def register(sub) -> None:
     g = p.add_argument_group("microbenchmarks")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when torch sees a GPU, else cpu")
     g.add_argument("--offload-dir", default=None, help="directory on the SSD to test (default: a temp dir)")
-    g.add_argument("--device-mem", type=float, default=None, metavar="GiB",
+    g.add_argument("--device-mem", type=GIB, default=None, metavar="GiB",
                    help="device memory budget (CPU default: a quarter of host RAM; CUDA default: total memory)")
     g.add_argument("--quick", action="store_true", help="a few seconds, small sizes (for tests)")
     f = p.add_argument_group("fit to a measured trace")
@@ -31,26 +31,12 @@ def register(sub) -> None:
     f.add_argument("--profile", default=None, help="base profile (.toml or preset); default: the trace's hardware")
     f.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="dtype of the compute events (default: the trace's)")
     f.add_argument("--optimizer", choices=("adamw", "sgd", "adalomo"), default=None, help="default: the trace's")
-    f.add_argument("--min-events", type=int, default=3, help="fewest events a group needs to be fitted")
+    f.add_argument("--min-events", type=COUNT, default=3, help="fewest events a group needs to be fitted")
     p.set_defaults(func=run)
 
 
-def check_writable(path: str) -> Path:
-    """Fail before minutes of benchmarks, not after: the output's nearest existing parent must be a
-    writable directory and the output itself not a directory."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"-o {path} is a directory")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"-o {path}: cannot write in {parent}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    out = check_writable(args.output)
+    out = check_output(args.output, "-o")     # before minutes of benchmarks, not after
     if args.from_trace:
         return _fit(args, out)
     if args.profile or args.dtype or args.optimizer:

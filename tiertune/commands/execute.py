@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tiertune.commands.common import print_json
+from tiertune.commands.common import COUNT, GIB, LEARNING_RATE, SEED, print_json
 from tiertune.errors import InputError
 
 if TYPE_CHECKING:
@@ -31,27 +31,27 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan JSON (tiertune.plan/1)")
     src.add_argument("--policy", help="a named policy (gpu-only, checkpoint, zero-offload, fuyou, megatrain, ...)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps to run now")
+    p.add_argument("--steps", type=COUNT, required=True, help="optimizer steps to run now")
     p.add_argument("--data", default=None, help="training text file (default: the shipped demo text)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--gpu-mem", type=float, default=None, metavar="GiB", help="device memory budget")
+    p.add_argument("--gpu-mem", type=GIB, default=None, metavar="GiB", help="device memory budget")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"profile a --policy plans for (default {DEFAULT_HARDWARE})")
     p.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
     p.add_argument("--trace", default=None, metavar="OUT", help="write the measured trace (.json/.parquet/.csv)")
-    p.add_argument("--save-dir", default=None, help="write a checkpoint here at the end")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue from a checkpoint")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 4, or the plan's)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the plan's)")
+    p.add_argument("--save-dir", default=None,
+                   help="write checkpoints here (at the end, and every --save-every steps); a new or empty "
+                        "directory, or one tiertune saved into before")
+    p.add_argument("--save-every", type=COUNT, default=None, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--keep", type=COUNT, default=2, metavar="K", help="checkpoints kept in --save-dir (default 2)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint (its seed, batch, seq, dtype and text; a different one is refused)")
+    p.add_argument("--batch", type=COUNT, default=None, help="micro-batch size (default 4, or the plan's)")
+    p.add_argument("--seq", type=COUNT, default=None, help="sequence length (default 64, or the plan's)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32 on cpu, bf16 on cuda")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data order")
+    p.add_argument("--lr", type=LEARNING_RATE, default=None, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=SEED, default=None, help="seed of the initial weights and of the data order (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
-
-
-def _positive(name: str, v) -> None:
-    if v is not None and not v > 0:
-        raise InputError(f"--{name} must be positive, got {v}")
 
 
 def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str | None, policy: str | None,
@@ -62,8 +62,9 @@ def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str 
     from tiertune.workload import TrainSpec
 
     if plan_path:
+        from tiertune.commands.common import check_plan_model
         plan = Plan.load(plan_path)
-        plan.check_model(spec.n_layers + 2)
+        check_plan_model(plan, spec, plan_path)
         changes = {k: v for k, v in (("batch", batch), ("seq_len", seq), ("dtype", dtype)) if v}
         return plan.replace(train=plan.train.replace(**changes)) if changes else plan
     if not policy or hw is None:
@@ -73,10 +74,35 @@ def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str 
     return make_policy(policy, spec, train, hw)
 
 
+def _resume_defaults(args: argparse.Namespace):
+    """The checkpoint to resume (loaded once, before any work) and the --batch/--seq/--dtype it was
+    trained with, for flags not given (a resumed run keeps them; train_plan refuses others)."""
+    if not args.resume:
+        return None
+    from tiertune.executor.checkpoint import load_checkpoint
+    state = load_checkpoint(args.resume)
+    train = ((state.get("plan") or {}).get("train") or {}) if isinstance(state, dict) else {}
+    if not args.plan:
+        for flag, key in (("batch", "batch"), ("seq", "seq_len"), ("dtype", "dtype")):
+            if getattr(args, flag) is None and key in train:
+                setattr(args, flag, train[key])
+    return state
+
+
 def run(args: argparse.Namespace) -> int:
-    for name in ("steps", "batch", "seq", "lr", "gpu_mem"):
-        _positive(name.replace("_", "-"), getattr(args, name))
     from pathlib import Path
+
+    from tiertune.fileio import check_output
+    if args.trace:
+        check_output(args.trace, "--trace")
+        if Path(args.trace).suffix not in (".json", ".parquet", ".csv"):
+            raise InputError(f"--trace must end in .json, .parquet or .csv: {args.trace}")
+    if args.save_dir:
+        from tiertune.executor.checkpoint import check_save_dir
+        check_save_dir(args.save_dir)
+    if args.save_every and not args.save_dir:
+        raise InputError("--save-every needs --save-dir")
+    resume_state = _resume_defaults(args)
 
     from tiertune.hardware import load_hardware
     from tiertune.workload import load_model
@@ -97,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     budget = int(args.gpu_mem * GiB) if args.gpu_mem is not None else None
     res = train_plan(hf if hf is not None else spec, plan, args.steps, device=args.device, gpu_mem_bytes=budget,
                      offload_dir=args.offload_dir, data=args.data, lr=args.lr, seed=args.seed,
-                     save_dir=args.save_dir, resume=args.resume)
+                     save_dir=args.save_dir, resume=resume_state if args.resume else None,
+                     save_every=args.save_every, keep=args.keep)
     trace = None
     if args.trace:
         res.trace.save(args.trace)
@@ -106,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
     out = {"model": spec.name, "plan": plan.provenance.get("policy", args.plan), "device": args.device,
            "steps": res.steps, "losses": losses, "iteration_s": iteration_s,
            "tokens_per_s": res.tokens_per_s, "peak_bytes": peak,
-           "budget_bytes": budget, "trace": trace}
+           "budget_bytes": budget, "trace": trace, "seed": res.seed, "lr": res.lr}
+    saved_lr = resume_state.get("lr") if isinstance(resume_state, dict) else None
+    if saved_lr is not None and saved_lr != res.lr:
+        out["changed"] = {"lr": [saved_lr, res.lr]}
     if args.json:
         print_json(out)
         return 0
@@ -116,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  iteration  {iteration_s * 1e3:.1f} ms   {out['tokens_per_s']:,.0f} tokens/s")
     print("  peak       " + "   ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peak.items())
           + (f"   (device budget {budget / 2**20:.1f} MiB)" if budget else ""))
+    if "changed" in out:
+        print(f"  lr changed on resume: {saved_lr:g} -> {res.lr:g}")
     if trace:
         print(f"  trace written to {trace}")
     if args.save_dir:

@@ -10,9 +10,9 @@ import argparse
 import math
 import sys
 
-from tiertune.commands.common import add_workload_args, load_workload, print_json
+from tiertune.commands.common import COUNT, FRACTION, SECONDS, add_workload_args, load_workload, print_json, stamp_model
 from tiertune.errors import InputError
-from tiertune.fileio import atomic_write, atomic_write_text
+from tiertune.fileio import atomic_write, atomic_write_text, check_output
 from tiertune.hardware import GiB, HardwareProfile
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -20,7 +20,7 @@ from tiertune.workload import ModelSpec, TrainSpec
 def register(sub) -> None:
     p = sub.add_parser("plan", help="search a per-layer offloading schedule (CP-SAT + engine)")
     add_workload_args(p)
-    p.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="planner time limit (seconds)")
+    p.add_argument("--time-limit", type=SECONDS, default=30.0, metavar="S", help="planner time limit (seconds)")
     _add_rank_args(p)
     p.add_argument("-o", "--output", default=None, help="write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -28,7 +28,7 @@ def register(sub) -> None:
 
     c = sub.add_parser("compare", help="every policy and the planned schedule through the simulator")
     add_workload_args(c)
-    c.add_argument("--time-limit", type=float, default=30.0, metavar="S", help="planner time limit (seconds)")
+    c.add_argument("--time-limit", type=SECONDS, default=30.0, metavar="S", help="planner time limit (seconds)")
     _add_rank_args(c)
     c.add_argument("--csv", default=None, help="write the table as CSV")
     c.add_argument("--plot", default=None, help="write a bar chart of iteration time per policy (PNG)")
@@ -37,9 +37,9 @@ def register(sub) -> None:
 
 
 def _add_rank_args(p) -> None:
-    p.add_argument("--grad-rank", type=int, action="append", default=None, metavar="D",
+    p.add_argument("--grad-rank", type=COUNT, action="append", default=None, metavar="D",
                    help="allow LSP gradient compression at rank D (repeatable); lossless when omitted")
-    p.add_argument("--max-compression-error", type=float, default=None, metavar="E",
+    p.add_argument("--max-compression-error", type=FRACTION, default=None, metavar="E",
                    help="drop ranks whose estimated relative compression error exceeds E (0 < E <= 1; the "
                         "estimate is planner/compression.py's); alone, picks among hidden/8 .. hidden")
 
@@ -56,13 +56,13 @@ def _ranks(args) -> tuple[int, ...]:
 
 def run_plan(args: argparse.Namespace) -> int:
     from tiertune.planner.search import plan_schedule
-    if args.time_limit <= 0:
-        raise InputError(f"--time-limit must be positive, got {args.time_limit}")
+    if args.output:
+        check_output(args.output, "-o")
     model, train, hw = load_workload(args)
     res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args), log=_stderr,
                         max_compression_error=args.max_compression_error)
     if args.output:
-        res.plan.save(args.output)
+        stamp_model(res.plan, model).save(args.output)
     s = res.summary()
     if args.json:
         print_json(s)
@@ -201,8 +201,9 @@ def plot_compare(df, path: str) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if args.time_limit <= 0:
-        raise InputError(f"--time-limit must be positive, got {args.time_limit}")
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path:
+            check_output(path, flag)
     model, train, hw = load_workload(args)
     df = compare_policies(model, train, hw, args.time_limit, _ranks(args), args.max_compression_error)
     if args.csv:

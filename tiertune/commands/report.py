@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tiertune.commands.common import COUNT, SECONDS
+
 
 def register(sub) -> None:
     register_sweep(sub)
@@ -17,7 +19,7 @@ def register_sweep(sub) -> None:
     p.add_argument("spec", help="sweep spec TOML (see tiertune/analysis/sweep.py)")
     p.add_argument("-o", "--output", required=True, help="results .parquet (rows already there are skipped)")
     p.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run on a Ray cluster instead of a local process pool")
-    p.add_argument("--workers", type=int, default=None, help="local processes (default: CPU count)")
+    p.add_argument("--workers", type=COUNT, default=None, help="local processes (default: CPU count)")
     p.set_defaults(func=run_sweep)
 
 
@@ -27,8 +29,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     from tiertune.analysis.sweep import load_spec, run_sweep as sweep
     from tiertune.errors import InputError
 
+    from tiertune.fileio import check_output
     if not args.output.endswith(".parquet"):
         raise InputError(f"sweep output must be a .parquet file: {args.output}")
+    check_output(args.output, "-o")
     spec = load_spec(args.spec)
     bar = lambda it, total: tqdm(it, total=total, desc="sweep", unit="row", file=sys.stderr)
     df = sweep(spec, args.output, ray_address=args.ray, workers=args.workers, progress=bar)
@@ -44,7 +48,7 @@ def register_report(sub) -> None:
     add_workload_args(p)
     p.add_argument("--trace", default=None, help="a trace from simulate or execute: adds replay what-ifs (and validation for a measured one)")
     p.add_argument("--profile", default=None, help="hardware profile to predict a measured trace with (default: calibrate --quick)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="planner seconds per planning run")
+    p.add_argument("--time-limit", type=SECONDS, default=10.0, help="planner seconds per planning run")
     p.add_argument("-o", "--output", required=True, help="report directory")
     p.set_defaults(func=run_report)
 
@@ -52,6 +56,8 @@ def register_report(sub) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from tiertune.analysis.report import build_report
     from tiertune.commands.common import load_workload
+    from tiertune.fileio import check_output_dir
+    check_output_dir(args.output, "-o")
     from tiertune.hardware import load_hardware
     from tiertune.traces.trace import Trace
 
@@ -76,13 +82,15 @@ def _quick_profile(out_dir: str):
 def register_demo(sub) -> None:
     p = sub.add_parser("demo", help="simulate, plan, execute a small model, validate and write a report folder")
     p.add_argument("-o", "--output", default="tiertune-demo", help="report directory (default: tiertune-demo)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="planner seconds per planning run")
-    p.add_argument("--steps", type=int, default=8, help="steps of the executed small model")
+    p.add_argument("--time-limit", type=SECONDS, default=10.0, help="planner seconds per planning run")
+    p.add_argument("--steps", type=COUNT, default=8, help="steps of the executed small model")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from tiertune.analysis.demo import run_demo as demo
+    from tiertune.fileio import check_output_dir
+    check_output_dir(args.output, "-o")
 
     html = demo(args.output, time_limit_s=args.time_limit, steps=args.steps)
     print(f"report: {html}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from tiertune.commands.common import add_workload_args, load_workload, print_json, train_from_plan
+from tiertune.commands.common import ITERATIONS, add_workload_args, check_plan_model, load_workload, print_json, train_from_plan
 from tiertune.errors import InputError
+from tiertune.fileio import check_output
 from tiertune.hardware import GiB
 
 RESOURCE_ORDER = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
@@ -18,7 +19,7 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan JSON (tiertune.plan/1)")
     src.add_argument("--policy", help="a named policy (ideal, gpu-only, ...; see `tiertune plan --help`)")
-    p.add_argument("--iterations", type=int, default=None, help="iterations to simulate (default: the plan's)")
+    p.add_argument("--iterations", type=ITERATIONS, default=None, help="iterations to simulate (default: the plan's)")
     p.add_argument("--trace", default=None, metavar="OUT", help="write the simulated trace (.json/.parquet/.csv)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -28,14 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from tiertune.schedule import Plan
     from tiertune.simulator import simulate
 
-    if args.iterations is not None and args.iterations < 1:
-        raise InputError(f"--iterations must be positive, got {args.iterations}")
+    if args.trace:
+        check_output(args.trace, "--trace")
     model, train, hw = load_workload(args)
     if args.plan:
         plan = Plan.load(args.plan)
-        if plan.n_layers != model.n_layers + 2:   # names may differ (a config path), layer counts may not
-            raise InputError(f"plan {args.plan} has {plan.n_layers} layers (made for {plan.model!r}) but "
-                             f"{model.name!r} has {model.n_layers + 2} (embed + blocks + head)")
+        check_plan_model(plan, model, args.plan)
         train = train_from_plan(plan, args)
         if train != plan.train:
             plan = plan.replace(train=train)
@@ -47,17 +46,21 @@ def run(args: argparse.Namespace) -> int:
 
         plan = make_policy(args.policy, model, train, hw)
     result = simulate(model, plan.train, hw, plan, iterations=args.iterations)
-    if args.trace:
-        if not result.fits:
-            raise InputError(f"no trace written: the plan does not fit ({result.error})")
+    # A plan that does not fit is a result (exit 0, with or without --trace), and has no trace.
+    if args.trace and result.fits:
         result.trace.save(args.trace)
     if args.json:
-        print_json(result.to_dict())
+        out = result.to_dict()
+        if args.trace:
+            out["trace"] = args.trace if result.fits else None
+        print_json(out)
         return 0
     print(f"{model.name} on {hw.name}, plan {plan.provenance.get('policy', args.plan or args.policy)}: "
           f"batch {plan.train.batch} x seq {plan.train.seq_len}, {plan.train.optimizer}, {plan.train.dtype}")
     if not result.fits:
         print(f"  {result.error}")
+        if args.trace:
+            print(f"  no trace written to {args.trace}: the plan does not fit")
         return 0
     print(f"  iteration  {result.iteration_s:.4g} s   {result.tokens_per_s:,.0f} tokens/s   "
           f"{result.tflops:.1f} TFLOP/s")

@@ -6,8 +6,9 @@ import argparse
 import math
 from pathlib import Path
 
-from tiertune.commands.common import print_json
+from tiertune.commands.common import COUNT, GIB, print_json
 from tiertune.errors import InputError
+from tiertune.fileio import check_output, check_output_dir
 
 GiB = 1 << 30
 
@@ -30,13 +31,13 @@ def register(sub) -> None:
     src.add_argument("--policy", help="a named policy, made for the profile")
     v.add_argument("--profile", default=None,
                    help="hardware profile to simulate with (default: `calibrate --quick` of this machine, measured now)")
-    v.add_argument("--gpu-mem", type=float, default=None, metavar="GiB", help="device memory budget")
-    v.add_argument("--batch", type=int, default=None, help="micro-batch size (default 4, or the plan's)")
-    v.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the plan's)")
-    v.add_argument("--steps", type=int, required=True, help="steps to execute (>= 2: the first is warm-up)")
+    v.add_argument("--gpu-mem", type=GIB, default=None, metavar="GiB", help="device memory budget")
+    v.add_argument("--batch", type=COUNT, default=None, help="micro-batch size (default 4, or the plan's)")
+    v.add_argument("--seq", type=COUNT, default=None, help="sequence length (default 64, or the plan's)")
+    v.add_argument("--steps", type=COUNT, required=True, help="steps to execute (>= 2: the first is warm-up)")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     v.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
-    v.add_argument("--threads", type=int, default=None,
+    v.add_argument("--threads", type=COUNT, default=None,
                    help="torch compute threads for calibration and run (default 1 on cpu: the main thread is the "
                         "GPU, the copy and optimizer threads get the other cores; torch's default on cuda)")
     v.add_argument("--trace-dir", default=None, help="write measured.json and predicted.json here")
@@ -51,6 +52,9 @@ def run_replay(args: argparse.Namespace) -> int:
     from tiertune.traces.trace import Trace
 
     scale = parse_scale(args.scale)
+    if args.whatif:
+        for suffix in (".png", ".svg"):
+            check_output(_plot_base(args.whatif) + suffix, "--whatif")
     trace = Trace.load(args.trace)
     plan = Plan.load(args.plan) if args.plan else None
     res = replay(trace, scale, plan=plan, hardware=args.hardware)
@@ -72,13 +76,20 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_base(path: str) -> str:
+    """Where plots.save writes OUT.png and OUT.svg (a trailing .png/.svg dropped)."""
+    p = Path(path)
+    return str(p.with_suffix("") if p.suffix in (".png", ".svg") else p)
+
+
 def run_validate(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the first step is warm-up), got {args.steps}")
-    for name in ("batch", "seq", "gpu_mem", "threads"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.trace_dir:
+        check_output_dir(args.trace_dir, "--trace-dir")
+    if args.plot:
+        for suffix in (".png", ".svg"):
+            check_output(_plot_base(args.plot) + suffix, "--plot")
     from tiertune.commands.execute import plan_for
     from tiertune.hardware import load_hardware
     from tiertune.workload import load_model
@@ -92,8 +103,6 @@ def run_validate(args: argparse.Namespace) -> int:
         # while another process holds a core): timings then say more about the load than the plan.
         torch.set_num_threads(threads)
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
-    if trace_dir is not None and trace_dir.exists() and not trace_dir.is_dir():
-        raise InputError(f"--trace-dir {trace_dir} is not a directory")
     if args.profile:
         hw = load_hardware(args.profile)
     else:

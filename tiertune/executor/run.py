@@ -7,6 +7,7 @@ Executor, the timed steps, an optional checkpoint to save or resume from.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -44,22 +45,68 @@ def steady_median(times: list[float]) -> float:
     return statistics.median(steady)
 
 
+# What a resumed run must share with the run it continues, or it silently becomes another run.
+RESUME_KEEPS = ("batch", "seq_len", "grad_accum", "dtype", "optimizer")
+
+
+def non_finite(state, path: str = "") -> str | None:
+    """The path of the first floating-point tensor in `state` with a NaN or an infinity, or None."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return path if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite(v, f"{path}.{k}" if isinstance(state, dict) else f"{path}[{k}]")
+        if found:
+            return found
+    return None
+
+
+def _check_resume(state: dict, spec: ModelSpec, plan: Plan, seed: int | None, text_sha: str, where) -> None:
+    """Refuse to resume `state` under settings that would make a different run, naming each one."""
+    if not isinstance(state, dict) or state.get("model") != spec.name or "executor" not in state:
+        raise InputError(f"checkpoint {where} is not a tiertune execute checkpoint of {spec.name!r}")
+    saved_seed = state.get("seed")
+    if seed is not None and saved_seed is not None and seed != saved_seed:
+        raise InputError(f"--seed {seed} differs from the checkpoint's seed {saved_seed}: a resumed run keeps "
+                         f"its seed (drop --seed)")
+    saved_train = (state.get("plan") or {}).get("train") or {}
+    changed = [f"{k} {getattr(plan.train, k)} (checkpoint: {saved_train[k]})" for k in RESUME_KEEPS
+               if k in saved_train and saved_train[k] != getattr(plan.train, k)]
+    if changed:
+        raise InputError(f"resuming {where} with {', '.join(changed)} would change the run's data or state; "
+                         f"resume with the checkpoint's settings")
+    if state.get("data_sha256") not in (None, text_sha):
+        raise InputError(f"resuming {where} on other training text than it was trained on (give the same --data)")
+
+
 def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *, device: str = "cpu",
                gpu_mem_bytes: int | None = None, offload_dir: str | Path | None = None, data: str | None = None,
-               lr: float | None = None, seed: int = 0, progress: bool = True, save_dir: str | Path | None = None,
-               resume: str | Path | None = None) -> RunResult:
+               lr: float | None = None, seed: int | None = None, progress: bool = True,
+               save_dir: str | Path | None = None, resume: "str | Path | dict | None" = None,
+               save_every: int | None = None, keep: int = 2) -> RunResult:
     """Run `steps` optimizer steps of `plan` on `device`.
 
-    `spec_or_source`: a ModelSpec (the built-in model of that shape, initialised from `seed`) or an
-    HFSource (a local Hugging Face model's weights). `data`: a text file (default: the shipped demo
-    text). `lr`: default the resumed checkpoint's, else 1e-3. `resume`: a checkpoint directory
-    written by an earlier `save_dir`; the run continues on the data an uninterrupted run would see.
+    `spec_or_source`: a ModelSpec (the built-in model of that shape, initialised from `seed`,
+    default 0) or an HFSource (a local Hugging Face model's weights). `data`: a text file (default:
+    the shipped demo text). `lr`: default the resumed checkpoint's, else 1e-3. `resume`: a
+    checkpoint (directory, or the state `load_checkpoint` read from one) written by an earlier
+    `save_dir`; the run continues on the data an uninterrupted run would see, and is refused when
+    the seed, training settings or text differ. `save_dir`: checkpoints every `save_every` steps
+    (the last `keep` kept) and at the end. A non-finite loss stops the run (InputError naming the
+    step), and no checkpoint of non-finite weights or optimizer state is written.
     """
     if not isinstance(steps, int) or steps <= 0:
         raise InputError(f"--steps must be a positive integer, got {steps!r}")
+    import hashlib
+    import math
+    import shutil
+    import tempfile
+
     import torch
 
-    from tiertune.executor.data import batches, load_text
+    from tiertune.executor.data import VOCAB_SIZE, batches, load_text
     from tiertune.executor.models import build_model
     from tiertune.executor.runtime import Executor
     from tiertune.executor.updates import OptimConfig
@@ -70,19 +117,33 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
     if train.seq_len > spec.max_seq_len:
         raise InputError(f"--seq {train.seq_len} exceeds {spec.name}'s context ({spec.max_seq_len})")
     text = load_text(data)
+    if spec.vocab_size < VOCAB_SIZE and text and max(text) >= spec.vocab_size:
+        raise InputError(f"{spec.name}'s vocabulary has {spec.vocab_size} tokens but the text holds byte "
+                         f"{max(text)} (tokens are bytes): give ASCII text or a model with vocab_size >= {VOCAB_SIZE}")
+    text_sha = hashlib.sha256(text).hexdigest()
     state = None
-    if resume:
+    resumed_from = None
+    if resume is not None:
         from tiertune.executor.checkpoint import load_checkpoint
-        state = load_checkpoint(resume)
-        if not isinstance(state, dict) or state.get("model") != spec.name or "executor" not in state:
-            raise InputError(f"checkpoint {resume} is not a tiertune execute checkpoint of {spec.name!r}")
-        seed = int(state.get("seed", seed))
+        state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        _check_resume(state, spec, plan, seed, text_sha, resume if not isinstance(resume, dict) else "checkpoint")
+        seed = int(state.get("seed", 0))
+        resumed_from = None if isinstance(resume, dict) else Path(resume)
+    seed = 0 if seed is None else seed
     lr = lr if lr is not None else float((state or {}).get("lr", 1e-3))
+    continues = resumed_from is not None and save_dir is not None and \
+        Path(os.path.realpath(resumed_from)) == Path(os.path.realpath(save_dir))
     torch.manual_seed(seed)
     layers = hf.build_all() if hf is not None else build_model(spec, seed)
-    ex = Executor(layers, spec, plan, device=device, gpu_mem_bytes=gpu_mem_bytes, offload_dir=offload_dir,
-                  optim=OptimConfig(name=train.optimizer, lr=lr))
+    # The temp offload directory is made (and removed, whatever happens) here, not by the Executor,
+    # so a failure while it is being built (a full disk writing the first weights) cannot leak it.
+    tmpdir = None
+    if offload_dir is None and any("ssd" in (lp.params, lp.optimizer, lp.activations) for lp in plan.layers):
+        tmpdir = offload_dir = tempfile.mkdtemp(prefix="tiertune-offload-")
+    ex = None
     try:
+        ex = Executor(layers, spec, plan, device=device, gpu_mem_bytes=gpu_mem_bytes, offload_dir=offload_dir,
+                      optim=OptimConfig(name=train.optimizer, lr=lr))
         if state is not None:
             ex.load_state_dict(state["executor"])
         stream = batches(text, train.batch * train.grad_accum, train.seq_len, seed)
@@ -90,27 +151,55 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
             next(stream)
         from tqdm import tqdm
 
+        def save() -> None:
+            from tiertune.executor.checkpoint import save_rotating
+            nonlocal continues
+            executor_state = ex.state_dict()
+            bad = non_finite(executor_state)
+            if bad:
+                raise InputError(f"step {ex.step_no}: non-finite values in the model or optimizer state "
+                                 f"(executor{bad}); stopped without saving it, earlier checkpoints in {save_dir} kept")
+            save_rotating(save_dir, {"model": spec.name, "seed": seed, "lr": lr, "data_sha256": text_sha,
+                                     "plan": plan.to_dict(), "executor": executor_state},
+                          ex.step_no, keep, continues=continues)
+            continues = True
+
         losses: list[float] = []
         times: list[float] = []
         tokens = train.batch * train.grad_accum * train.seq_len
         bar = tqdm(range(steps), desc=f"execute {spec.name}", unit="step", file=sys.stderr,
                    disable=None if progress else True, leave=progress)
+        saved_at = None
         for _ in bar:
-            tk, tg = next(stream)
             t = time.perf_counter()
-            losses.append(ex.step(tk, tg))
+            try:
+                tk, tg = next(stream)
+                t = time.perf_counter()
+                losses.append(ex.step(tk, tg))
+            except (MemoryError, RuntimeError) as exc:
+                if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+                    raise
+                raise InputError(f"step {ex.step_no + 1}: out of host memory for batch {train.batch} x seq "
+                                 f"{train.seq_len} x grad_accum {train.grad_accum}: {str(exc).splitlines()[0]}") from None
             times.append(time.perf_counter() - t)
+            if not math.isfinite(losses[-1]):
+                kept = f"; earlier checkpoints in {save_dir} kept" if save_dir else ""
+                raise InputError(f"step {ex.step_no}: loss is {losses[-1]} (lower --lr?); stopped{kept}")
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / times[-1]:,.0f}")
+            if save_dir and save_every and ex.step_no % save_every == 0:
+                save()
+                saved_at = ex.step_no
         ex.synchronize()
         iteration_s = steady_median(times)
         trace = ex.trace()
-        if save_dir:
-            from tiertune.executor.checkpoint import save_checkpoint
-            save_checkpoint(save_dir, {"model": spec.name, "seed": seed, "lr": lr,
-                                       "plan": plan.to_dict(), "executor": ex.state_dict()})
+        if save_dir and saved_at != ex.step_no:
+            save()
         peak = ex.peak_bytes()
     finally:
-        ex.close()
+        if ex is not None:
+            ex.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return RunResult(losses=losses, step_times=times, iteration_s=iteration_s,
                      tokens_per_s=tokens / iteration_s if iteration_s > 0 else None, peak_bytes=peak,
                      trace=trace, steps=ex.step_no, seed=seed, lr=lr, budget_bytes=gpu_mem_bytes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -158,7 +159,7 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
             for k, lp in enumerate(choices):
                 m.add_hint(counts[gi][k], sum(1 for i in g if hint[i] == lp))
     solver = _solver(time_limit_s)
-    st = solver.solve(m)
+    st = _solve(solver, m)
     wall = time.perf_counter() - t0
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, SolverStats(STATUS.get(st, str(st)), None, None, wall, "counts")
@@ -442,7 +443,7 @@ def solve_intervals(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPla
         pinned = IntervalModel(cm, choices, gpu_budget, unit_s, nnz_per_row)
         pinned.fix(sd)
         s1 = _solver(max(0.5, time_limit_s * 0.3 / len(seeds)))
-        st1 = s1.solve(pinned.m)
+        st1 = _solve(s1, pinned.m)
         extra.update(seed_status=STATUS.get(st1, str(st1)), seed_index=k)
         if st1 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             extra["seed_objective_s"] = s1.objective_value * unit_s
@@ -451,7 +452,7 @@ def solve_intervals(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPla
     # (b) the free model from that complete hint, polishing in the remaining time
     remaining = max(0.5, time_limit_s - (time.perf_counter() - t0))
     s2 = _solver(remaining)
-    st2 = s2.solve(model.m)
+    st2 = _solve(s2, model.m)
     wall = time.perf_counter() - t0
     if st2 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, SolverStats(STATUS.get(st2, str(st2)), None, None, wall, "intervals", extra)
@@ -459,8 +460,36 @@ def solve_intervals(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPla
                                             s2.best_objective_bound * unit_s, wall, "intervals", extra)
 
 
+def _solve(solver: cp_model.CpSolver, m: cp_model.CpModel) -> int:
+    """solver.solve(m) on a worker thread, so that Ctrl-C (a KeyboardInterrupt in the main thread)
+    stops the search at once and propagates, as everywhere else in the CLI."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["status"] = solver.solve(m)
+        except BaseException as exc:             # re-raised in the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, name="cp-sat", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+    except KeyboardInterrupt:
+        solver.stop_search()
+        worker.join()
+        raise
+    if "error" in out:
+        raise out["error"]
+    return out["status"]
+
+
 def _solver(time_limit_s: float) -> cp_model.CpSolver:
     s = cp_model.CpSolver()
+    # OR-Tools' own Ctrl-C catching leaves SIGINT at its default after a solve (the next Ctrl-C
+    # killed the process silently); _solve stops the search on Ctrl-C instead.
+    s.parameters.catch_sigint_signal = False
     s.parameters.max_time_in_seconds = float(time_limit_s)
     s.parameters.num_workers = 2                 # the project's machines share 2 cores
     s.parameters.relative_gap_limit = 0.005

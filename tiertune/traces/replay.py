@@ -66,8 +66,8 @@ def parse_scale(items: list[str] | None) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             raise InputError(f"--scale {name}: factor {value!r} is not a number") from None
-        if not factor > 0:
-            raise InputError(f"--scale {name}: factor must be positive, got {factor}")
+        if not 0 < factor < float("inf"):
+            raise InputError(f"--scale {name}: factor must be positive and finite, got {factor}")
         out[name] = factor
     return out
 

@@ -103,8 +103,32 @@ class Trace:
         missing = set(MEMORY_COLUMNS) - set(self.memory.columns)
         if missing:
             raise InputError(f"trace memory samples lack column(s) {sorted(missing)}")
-        self.events = _typed(self.events, _EVENT_DTYPES)
-        self.memory = _typed(self.memory, _MEMORY_DTYPES)
+        try:
+            self.events = _typed(self.events, _EVENT_DTYPES)
+            self.memory = _typed(self.memory, _MEMORY_DTYPES)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InputError(f"trace: a column has values of the wrong type ({str(exc).splitlines()[0]})") from None
+        if not isinstance(self.meta, dict):
+            raise InputError(f"trace metadata must be an object, got {type(self.meta).__name__}")
+
+    def check(self, where: str) -> "Trace":
+        """Refuse a trace no analysis can trust: non-finite or negative times, an event that ends
+        before it starts, negative bytes, non-finite FLOPs or memory. Returns self."""
+        ev, mem = self.events, self.memory
+        problems = [
+            (~np.isfinite(ev["start_s"]) | ~np.isfinite(ev["end_s"]), "a non-finite start_s or end_s"),
+            (ev["end_s"] < ev["start_s"], "end_s before start_s"),
+            (ev["bytes"] < 0, "negative bytes"),
+            (~np.isfinite(ev["flops"]) | (ev["flops"] < 0), "non-finite or negative flops"),
+        ]
+        for bad, what in problems:
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise InputError(f"{where}: event {i} ({ev['task'].iloc[i]}) has {what}; "
+                                 f"{int(bad.sum())} such event(s)")
+        if len(mem) and (~np.isfinite(mem["time_s"]) | (mem["bytes"] < 0)).any():
+            raise InputError(f"{where}: a memory sample has a non-finite time or negative bytes")
+        return self
 
     @classmethod
     def from_records(cls, events: list[dict], memory: list[dict] | None = None, meta: dict | None = None) -> "Trace":
@@ -201,7 +225,10 @@ class Trace:
                     memory.append({"time_s": a["time_s"], "tier": a["tier"], "bytes": a["bytes"]})
         except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{where}: malformed trace event (missing {exc})") from None
-        return cls.from_records(events, memory, tt.get("meta", {}))
+        meta = tt.get("meta", {})
+        if not isinstance(meta, dict):
+            raise InputError(f"{where}: tiertune.meta must be an object, got {type(meta).__name__}")
+        return cls.from_records(events, memory, meta).check(where)
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> list[Path]:
@@ -251,4 +278,7 @@ class Trace:
             raise
         except Exception as exc:   # pyarrow / csv parser errors have no common base
             raise InputError(f"malformed trace {path}: {exc}") from None
-        return cls(events, memory, header.get("meta", {}))
+        meta = header.get("meta", {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            raise InputError(f"{meta_path}: meta must be an object")
+        return cls(events, memory, meta).check(str(path))

@@ -1,0 +1,12 @@
+"""The largest values a command-line flag or a sweep spec field takes, in one place.
+
+Past them a number is a typo, and torch, numpy or the OS would fail on it with a traceback (or
+the command would run for years) instead of answering with one line. Leaf module.
+"""
+
+MAX_COUNT = 10**9                 # steps, batch, sequence length, ranks, workers
+MAX_ITERATIONS = 1000             # simulated iterations (the steady state shows after two or three)
+MAX_SEED = 2**63 - 1              # torch.manual_seed takes a signed 64-bit integer
+MAX_GIB = 2.0**20                 # a memory budget of a pebibyte
+MAX_SECONDS = 7 * 24 * 3600.0     # a planner time limit of a week
+MAX_LEARNING_RATE = 1e6
