@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -166,3 +167,19 @@ def test_a_full_disk_leaves_no_temp_offload_dir(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp) == []
+
+
+def test_with_clipping_a_non_finite_gradient_norm_stops_before_the_update(capsys, tmp_path):
+    from tiertune.hardware import load_hardware
+    from tiertune.planner.policies import make_policy
+    from tiertune.workload import MODEL_PRESETS, TrainSpec
+
+    train = TrainSpec(batch=2, seq_len=16, dtype="fp32", optimizer="adamw", grad_clip=1.0)
+    plan = make_policy("gpu-only", MODEL_PRESETS["tiny-llama"], train, load_hardware("lsp-4090"))
+    plan.save(tmp_path / "clip.json")
+    d = tmp_path / "ck"
+    code, _, err = run(capsys, "execute", "--model", "tiny-llama", "--plan", tmp_path / "clip.json", "--lr", "1e6",
+                       "--steps", "8", "--save-dir", d, "--save-every", "1")
+    assert code == 2 and len(err) == 1 and re.search(r"step \d+: (gradient norm|loss) is", err[0])
+    for name in checkpoints(d):
+        assert non_finite(load_checkpoint(d / name)) is None

@@ -685,6 +685,8 @@ class Executor:
                     wait(L.grad_futs)
                     norms += [torch.linalg.vector_norm(L.view(L.ghost, k), 2) for k in range(len(L.params))]
             total = torch.linalg.vector_norm(torch.stack(norms), 2)
+            if not bool(torch.isfinite(total)):     # stop before the update: the weights stay finite
+                raise InputError(f"step {self.step_no + 1}: gradient norm is {float(total)}; stopped")
             coef = float(torch.clamp(self.train.grad_clip / (total + 1e-6), max=1.0))
         for L in after:
             if L.lsp is not None:
