@@ -18,9 +18,9 @@ from tiertune.executor.runtime import Executor
 from tiertune.executor.updates import OptimConfig
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.traces.trace import Trace
+from tiertune.vocab import TIERS
 from tiertune.workload import MODEL_PRESETS
 
-TIERS = ("gpu", "cpu", "ssd")
 N_LAYERS = MODEL_PRESETS["tiny-llama"].n_layers + 2
 
 layer_plans = st.builds(LayerPlan, params=st.sampled_from(TIERS), optimizer=st.sampled_from(TIERS),

@@ -12,7 +12,7 @@ from tiertune.hardware import GiB, load_hardware
 from tiertune.planner.bounds import lower_bound
 from tiertune.planner.search import plan_schedule, run_baselines, simulate
 from tiertune.schedule import LayerPlan
-from tiertune.simulator.builder import CUDA_CONTEXT_BYTES
+from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.workload import ModelSpec, TrainSpec
 
 HW = load_hardware("lsp-4090")
@@ -39,16 +39,24 @@ REDUCED = [LayerPlan(params=p, optimizer=o, update="overlap", activations=a)
            if not (p == "cpu" and o == "gpu")]
 
 
-def test_exhaustive_enumeration_finds_nothing_better_than_the_planner():
+def test_exhaustive_enumeration_finds_nothing_better_than_the_planner(monkeypatch):
+    """The planner does not enumerate here (EXACT_LIMIT 0): its stages must find what enumerating
+    every per-layer choice at every prefetch depth finds."""
+    from dataclasses import replace
+
+    from tiertune.planner import search
+    monkeypatch.setattr(search, "EXACT_LIMIT", 0)
     model = small_model()                                       # embed + 2 blocks + head = 4 layers
     hw = HW.replace(gpu_mem_bytes=budget(model, 0.55))
-    res = plan_schedule(model, TRAIN, hw, time_limit_s=3.0, choices=REDUCED)
-    template = res.plan
+    res = plan_schedule(model, TRAIN, hw, time_limit_s=10.0, choices=REDUCED)
+    assert not any(st["name"] == "enumerate" for st in res.stages)
     best = math.inf
-    for layers in itertools.product(REDUCED, repeat=template.n_layers):
-        sim = simulate(model, TRAIN, hw, template.with_layers(layers))
-        if sim.fits:
-            best = min(best, sim.iteration_s)
+    for depth in search.DEPTHS:
+        template = res.plan.replace(globals=replace(res.plan.globals, prefetch_depth=depth))
+        for layers in itertools.product(REDUCED, repeat=template.n_layers):
+            sim = simulate(model, TRAIN, hw, template.with_layers(layers))
+            if sim.fits:
+                best = min(best, sim.iteration_s)
     assert math.isfinite(best)
     assert res.iteration_s <= best * 1.02
 
@@ -105,10 +113,25 @@ def test_plan_cli_writes_a_loadable_plan_and_reports_the_solver(tmp_path, capsys
     assert {"iteration_s", "lower_bound_s", "solver", "engine_vs_solver", "best_baseline",
             "speedup_vs_best_baseline"} <= set(s)
     assert {"status", "objective_s", "bound_s", "gap", "wall_s"} <= set(s["solver"])
+    names = [st["name"] for st in s["stages"]]
+    assert all({"name", "wall_s", "iteration_s", "improved"} <= set(st) for st in s["stages"])
+    assert "cpsat-counts" in names and s["plan_from"]
+    improving = [st["name"] for st in s["stages"] if st["improved"]]
+    assert s["plan_from"] in (improving[-1], ) or s["plan_from"].startswith("baseline")
+
+
+def test_plan_search_local_is_the_plain_reference(tmp_path, capsys):
+    import json
+    rc = main(["plan", "--model", "tiny-llama", "--hardware", "lsp-a1000-laptop", "--seq", "64",
+               "--time-limit", "2", "--search", "local", "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [st["name"] for st in s["stages"]] == ["local"]
+    assert s["iteration_s"] <= s["best_baseline"]["iteration_s"] * (1 + 1e-9)
 
 
 def test_compare_has_one_row_per_policy_and_the_planner(tmp_path):
-    from tiertune.commands.plan import compare_policies, plot_compare
+    from tiertune.commands.plan import plot_compare
+    from tiertune.planner.compare import compare_policies
     from tiertune.planner.policies import POLICIES
     model = small_model()
     hw = HW.replace(gpu_mem_bytes=budget(model, 0.5))
@@ -128,7 +151,7 @@ def test_without_enumeration_the_heuristic_stages_still_find_the_optimum_on_thre
     model = small_model(layers=1)                               # embed + 1 block + head
     hw = HW.replace(gpu_mem_bytes=budget(model, 0.5))
     res = plan_schedule(model, TRAIN, hw, time_limit_s=3.0, choices=REDUCED)
-    assert not any(s.get("stage") == "enumerate" for s in res.stages)
+    assert not any(s["name"] == "enumerate" for s in res.stages)
     best = min((s.iteration_s for layers in itertools.product(REDUCED, repeat=3)
                 for s in [simulate(model, TRAIN, hw, res.plan.with_layers(layers))] if s.fits), default=math.inf)
     assert res.iteration_s <= best * 1.02

@@ -6,7 +6,7 @@ from tiertune.hardware import load_hardware
 from tiertune.planner.policies import make_policy
 from tiertune.schedule import LayerPlan, PlanGlobals, uniform_plan
 from tiertune.simulator import simulate
-from tiertune.simulator.builder import CUDA_CONTEXT_BYTES
+from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.workload import TrainSpec, layer_costs, load_model
 
 HW = load_hardware("a100-80g")

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tiertune.hardware import load_hardware
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.simulator import simulate
-from tiertune.simulator.builder import CUDA_CONTEXT_BYTES, RESOURCES, TIERS
+from tiertune.hardware import CUDA_CONTEXT_BYTES
+from tiertune.vocab import RESOURCES, TIERS
 from tiertune.traces import Trace
 from tiertune.workload import ModelSpec, TrainSpec
 

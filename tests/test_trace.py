@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tiertune.errors import InputError
-from tiertune.traces import RESOURCES, Trace
+from tiertune.traces import Trace
+from tiertune.vocab import RESOURCES
 
 events = st.lists(st.fixed_dictionaries({
     "source": st.sampled_from(["simulated", "measured"]), "iteration": st.integers(0, 3),

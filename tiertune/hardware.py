@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiertune.errors import InputError
-from tiertune.traces.trace import RESOURCES
+from tiertune.vocab import RESOURCES
+
+# A CUDA context with cuBLAS/cuDNN handles and the caching allocator's slack: ~300-500 MiB in
+# nvidia-smi before the first tensor on current drivers (the low end); the profiles' default
+# reserve. Everyone else reads HardwareProfile.gpu_reserve_bytes (a CPU standing in has none).
+CUDA_CONTEXT_BYTES = 300 << 20
 
 PRESET_DIR = Path(__file__).parent / "presets" / "hardware"
 GiB = 1 << 30
@@ -79,7 +84,7 @@ class HardwareProfile:
     ssd_efficiency: Curve               # by bytes of one request stream
     # Device bytes taken before the first tensor: a CUDA context with cuBLAS handles and allocator
     # slack (~300-500 MiB in nvidia-smi on current drivers; the low end), none for a CPU standing in.
-    gpu_reserve_bytes: int = 300 << 20
+    gpu_reserve_bytes: int = CUDA_CONTEXT_BYTES
     # Fixed cost of one layer's compute task (forward, recompute, backward): launching its few
     # dozen kernels on a GPU (~20 us); on a CPU standing in, torch's per-op dispatch and the
     # module calls (~0.1-0.3 ms). Calibrated by timing a tiny layer; refit from traces.
@@ -244,7 +249,7 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         gpu_mem_bw_bps=get("gpu", "memory_bw_gbps") * GB,
         gpu_flops={k: float(v) * 1e12 for k, v in tflops.items()},
         matmul_efficiency=_curve(d["gpu"].get("matmul_efficiency", [[0, 0.7]]), "gpu.matmul_efficiency"),
-        gpu_reserve_bytes=int(get("gpu", "reserve_mib", float, 300.0) * (1 << 20)),
+        gpu_reserve_bytes=int(get("gpu", "reserve_mib", float, CUDA_CONTEXT_BYTES / (1 << 20)) * (1 << 20)),
         gpu_task_overhead_s=get("gpu", "task_overhead_us", float, 20.0) * 1e-6,
         backward_factor=get("gpu", "backward_factor", float, 2.0),
         update_overhead_s=get("cpu", "update_overhead_us", float, 0.0) * 1e-6,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write_text
+from tiertune.vocab import TIERS
 from tiertune.workload import TrainSpec
 
 FORMAT = "tiertune.plan/1"
-TIERS = ("gpu", "cpu", "ssd")
 UPDATES = ("after", "overlap", "fused")
 ACTIVATIONS = ("keep", "cpu", "ssd", "recompute")
 

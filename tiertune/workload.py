@@ -335,3 +335,8 @@ def load_model(name_or_path: str) -> ModelSpec:
             raise InputError(f"malformed {p}: {exc}") from None
         return model_from_hf_config(cfg, name=p.parent.name or "hf-model", where=str(p))
     raise InputError(f"unknown model {name_or_path!r}: not a preset ({', '.join(MODEL_PRESETS)}) nor a directory with config.json")
+
+
+def default_train(model: ModelSpec) -> TrainSpec:
+    """Defaults a user of the field would pick: bf16, AdamW, the model's context up to 2048."""
+    return TrainSpec(batch=1, seq_len=min(2048, model.max_seq_len), dtype="bf16", optimizer="adamw")

@@ -20,15 +20,14 @@ import pandas as pd
 import torch
 
 from tiertune.analysis.report import Section, build_report, validation_section, whatif_section, write_index
-from tiertune.commands.common import default_train
-from tiertune.commands.execute import DEFAULT_HARDWARE, plan_for
 from tiertune.executor.run import train_plan
 from tiertune.hardware import load_hardware
+from tiertune.planner.pick import DEFAULT_HARDWARE, policy_plan
 from tiertune.traces.calibrate import calibrate
 from tiertune.traces.fit import fit_profile
 from tiertune.traces.trace import Trace
 from tiertune.traces.validate import compare, predict
-from tiertune.workload import load_model
+from tiertune.workload import default_train, load_model
 
 PAIRS = (("gpt3-13b", "fuyou-4090-12ssd"), ("llama2-7b", "lsp-4090"))
 EXEC_MODEL, EXEC_POLICY, EXEC_GPU_GIB = "small-llama", "fuyou", 0.05
@@ -63,8 +62,7 @@ def run_demo(out: str | Path = "tiertune-demo", time_limit_s: float = 10.0, step
     profile, _ = calibrate(device="cpu", quick=True, progress=False)
     (executed / "profile.toml").write_text(profile.to_toml())
     spec = load_model(EXEC_MODEL)
-    plan = plan_for(spec, load_hardware(DEFAULT_HARDWARE).with_gpu_mem(EXEC_GPU_GIB), plan_path=None,
-                    policy=EXEC_POLICY, batch=4, seq=128)
+    plan = policy_plan(spec, load_hardware(DEFAULT_HARDWARE).with_gpu_mem(EXEC_GPU_GIB), EXEC_POLICY, batch=4, seq=128)
     budget = int(EXEC_GPU_GIB * (1 << 30))
     _log(f"executing {EXEC_MODEL} with the {EXEC_POLICY} plan, {steps} steps (CPU standing in for the GPU), "
          f"twice: the first run to fit the profile from, the second to predict")

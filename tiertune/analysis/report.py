@@ -60,7 +60,7 @@ def _save(fig, out: Path, name: str) -> Path:
 
 def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: Path, time_limit_s: float):
     """Every policy plus the planner's schedule; returns the section and the best plan's simulation."""
-    from tiertune.commands.plan import comparison as compare_all
+    from tiertune.planner.compare import comparison as compare_all
 
     df, planned = compare_all(model, train, hw, time_limit_s)
     shown = df[["policy", "fits", "iteration_s", "tokens_per_s", "tflops", "peak_gpu_gib", "peak_cpu_gib",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import zlib
 
+from tiertune.vocab import RESOURCES, TIERS
+
 # Policies: the planner is the one a reader looks for, so it gets the strongest colour (red) and
 # is drawn thicker; `ideal` is a reference, so it is grey and dashed.
 POLICY_ORDER = ("ideal", "gpu-only", "checkpoint", "lomo", "zero-offload", "zero-infinity", "fuyou",
@@ -52,7 +54,7 @@ KIND_COLORS = {
     "ssd_write": "#dbdb8d",
 }
 
-RESOURCE_ORDER = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
+RESOURCE_ORDER = RESOURCES
 RESOURCE_COLORS = {
     "gpu": "#2f7d32",
     "h2d": "#1f77b4",
@@ -64,7 +66,7 @@ RESOURCE_COLORS = {
 RESOURCE_LABELS = {"gpu": "GPU", "h2d": "PCIe H2D", "d2h": "PCIe D2H", "cpu": "CPU",
                    "ssd_read": "SSD read", "ssd_write": "SSD write"}
 
-TIER_ORDER = ("gpu", "cpu", "ssd")
+TIER_ORDER = TIERS
 TIER_COLORS = {"gpu": "#2f7d32", "cpu": "#ff7f0e", "ssd": "#6a3d9a"}
 TIER_LABELS = {"gpu": "GPU memory", "cpu": "CPU memory", "ssd": "NVMe SSD"}
 

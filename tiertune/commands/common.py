@@ -12,7 +12,7 @@ from tiertune.fileio import strict_json
 from tiertune.hardware import HardwareProfile, load_hardware
 from tiertune.limits import MAX_COUNT, MAX_GIB, MAX_ITERATIONS, MAX_LEARNING_RATE, MAX_SECONDS, MAX_SEED
 from tiertune.schedule import Plan
-from tiertune.workload import ModelSpec, TrainSpec, load_model
+from tiertune.workload import ModelSpec, TrainSpec, default_train, load_model
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *,
@@ -70,11 +70,6 @@ def load_workload(args: argparse.Namespace) -> tuple[ModelSpec, TrainSpec, Hardw
         if isinstance(v, int) and v <= 0:
             raise InputError(f"--{'seq' if k == 'seq_len' else k} must be positive, got {v}")
     return model, train.replace(**changes), hw
-
-
-def default_train(model: ModelSpec) -> TrainSpec:
-    """Defaults a user of the field would pick: bf16, AdamW, the model's context up to 2048."""
-    return TrainSpec(batch=1, seq_len=min(2048, model.max_seq_len), dtype="bf16", optimizer="adamw")
 
 
 def train_from_plan(plan: Plan, args: argparse.Namespace) -> TrainSpec:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from tiertune.commands.common import COUNT, GIB, LEARNING_RATE, SEED, print_json
 from tiertune.errors import InputError
+from tiertune.planner.pick import DEFAULT_HARDWARE, policy_plan
 
 if TYPE_CHECKING:
     from tiertune.hardware import HardwareProfile
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from tiertune.workload import ModelSpec
 
 GiB = 1 << 30
-DEFAULT_HARDWARE = "lsp-4090"
 
 
 def register(sub) -> None:
@@ -59,7 +59,6 @@ def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str 
     """The plan to run: a plan file (its training settings overridden by batch/seq/dtype where
     given) or the named policy made for `hw` (batch 4, seq 64, AdamW unless given)."""
     from tiertune.schedule import Plan
-    from tiertune.workload import TrainSpec
 
     if plan_path:
         from tiertune.commands.common import check_plan_model
@@ -69,9 +68,7 @@ def plan_for(spec: "ModelSpec", hw: "HardwareProfile | None", *, plan_path: str 
         return plan.replace(train=plan.train.replace(**changes)) if changes else plan
     if not policy or hw is None:
         raise InputError("give --plan, or --policy with a hardware profile")
-    from tiertune.planner.policies import make_policy
-    train = TrainSpec(batch=batch or 4, seq_len=seq or 64, dtype=dtype or "fp32", optimizer="adamw")
-    return make_policy(policy, spec, train, hw)
+    return policy_plan(spec, hw, policy, batch, seq, dtype)
 
 
 def _resume_defaults(args: argparse.Namespace):

@@ -1,7 +1,7 @@
 """`tiertune plan` (search a per-layer schedule, write plan.json) and `tiertune compare` (every named
 policy plus the planned schedule through the engine, one row each; CSV and a bar chart).
 
-`compare_policies` builds the comparison table; reports and plots call it too.
+The comparison table itself is planner/compare.py's (reports build it too).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import sys
 from tiertune.commands.common import COUNT, FRACTION, SECONDS, add_workload_args, load_workload, print_json, stamp_model
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write, atomic_write_text, check_output
-from tiertune.hardware import GiB, HardwareProfile
-from tiertune.workload import ModelSpec, TrainSpec
+from tiertune.planner.compare import compare_policies
 
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="search a per-layer offloading schedule (CP-SAT + engine)")
     add_workload_args(p)
     p.add_argument("--time-limit", type=SECONDS, default=30.0, metavar="S", help="planner time limit (seconds)")
+    p.add_argument("--search", choices=("planner", "local"), default="planner",
+                   help="planner: CP-SAT and engine-scored stages; local: a plain local search with the "
+                        "simulator as its only oracle (the reference the planner must beat)")
     _add_rank_args(p)
     p.add_argument("-o", "--output", default=None, help="write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -59,8 +61,12 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.output:
         check_output(args.output, "-o")
     model, train, hw = load_workload(args)
-    res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args), log=_stderr,
-                        max_compression_error=args.max_compression_error)
+    if args.search == "local":
+        from tiertune.planner.local import plan_local
+        res = plan_local(model, train, hw, args.time_limit, _ranks(args), log=_stderr)
+    else:
+        res = plan_schedule(model, train, hw, args.time_limit, grad_ranks=_ranks(args), log=_stderr,
+                            max_compression_error=args.max_compression_error)
     if args.output:
         stamp_model(res.plan, model).save(args.output)
     s = res.summary()
@@ -68,14 +74,16 @@ def run_plan(args: argparse.Namespace) -> int:
         print_json(s)
         return 0
     b = s["best_baseline"]
+    bound = (f"{s['ratio_to_lower_bound']:.3f}x the lower bound {s['lower_bound_s']:.3f} s"
+             if s["lower_bound_s"] is not None else f"no finite lower bound: {s['lower_bound_reason']}")
     print(f"plan for {model.name} on {hw.name}: {s['iteration_s']:.3f} s/iteration "
-          f"({s['tokens_per_s']:.0f} tokens/s), {s['ratio_to_lower_bound']:.3f}x the lower bound "
-          f"{s['lower_bound_s']:.3f} s")
+          f"({s['tokens_per_s']:.0f} tokens/s), {bound}; from {s['plan_from']}, prefetch depth {s['prefetch_depth']}")
     if b:
         print(f"best baseline {b['policy']}: {b['iteration_s']:.3f} s -> speedup {s['speedup_vs_best_baseline']:.2f}x")
     sv = s["solver"]
-    print(f"CP-SAT: {sv['status']}, objective {_fmt(sv['objective_s'])} s, bound {_fmt(sv['bound_s'])} s, "
-          f"wall {sv['wall_s']:.1f} s; engine vs solver {_fmt(s['engine_vs_solver'], pct=True)}")
+    if sv.get("status") is not None:
+        print(f"CP-SAT: {sv['status']}, objective {_fmt(sv['objective_s'])} s, bound {_fmt(sv['bound_s'])} s, "
+              f"wall {sv['wall_s']:.1f} s; engine vs solver {_fmt(s['engine_vs_solver'], pct=True)}")
     for n in s["notes"]:
         print(f"note: {n}")
     if args.output:
@@ -94,78 +102,6 @@ def _fmt(x, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{100 * x:+.1f}%" if pct else f"{x:.3f}"
-
-
-def compare_policies(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
-                     grad_ranks: tuple[int, ...] = (), max_compression_error: float | None = None):
-    """One row per named policy plus `planner`: fits, iteration time, tokens/s, TFLOP/s, peak GiB per
-    tier, bottleneck, ratio to `ideal` and to the lower bound, and why it does not fit."""
-    return comparison(model, train, hw, time_limit_s, grad_ranks, max_compression_error)[0]
-
-
-def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
-               grad_ranks: tuple[int, ...] = (), max_compression_error: float | None = None):
-    """`compare_policies`' table and the planner's PlanResult (None when nothing fits)."""
-    import pandas as pd
-
-    from tiertune.planner.search import plan_schedule, run_baselines
-    base = run_baselines(model, train, hw)
-    rows = []
-    planned = None
-    try:
-        planned = plan_schedule(model, train, hw, time_limit_s, grad_ranks=grad_ranks, baselines=base,
-                                max_compression_error=max_compression_error)
-        lower = planned.lower
-    except InputError as exc:
-        from tiertune.planner.bounds import lower_bound
-        lower = lower_bound(model, train, hw, grad_ranks=grad_ranks)     # (the ranks as asked: a loose bound)
-        planner_why = str(exc)
-    ideal = next((b for b in base if b.name == "ideal" and b.fits), None)
-    for b in base:
-        rows.append(_row(b.name, b.plan, b.sim, b.why))
-    if planned is not None:
-        rows.append(_row("planner", planned.plan, planned.sim, None))
-    else:
-        rows.append({"policy": "planner", "fits": False, "iteration_s": math.nan, "why_not_fit": planner_why})
-    df = pd.DataFrame(rows)
-    ideal_s = ideal.iteration_s if ideal else math.nan
-    df["ratio_to_ideal"] = df["iteration_s"] / ideal_s
-    # each plan against the bound of its own space: its GPU budget, and its gradient ranks if lossy
-    plans = {b.name: b.plan for b in base} | ({"planner": planned.plan} if planned else {})
-    df["ratio_to_lower_bound"] = [r["iteration_s"] / _bound_for(model, train, hw, plans.get(r["policy"]), lower)
-                                  for r in rows]
-    df.attrs.update(model=model.name, hardware=hw.name, lower_bound_s=lower.bound_s,
-                    lower_bound_binding=lower.binding)
-    cols = ["policy", "fits", "iteration_s", "tokens_per_s", "tflops", "peak_gpu_gib", "peak_cpu_gib",
-            "peak_ssd_gib", "bottleneck", "ratio_to_ideal", "ratio_to_lower_bound", "lossless", "optimizer",
-            "why_not_fit"]
-    return df.reindex(columns=cols), planned
-
-
-def _bound_for(model, train, hw, plan, lower) -> float:
-    from tiertune.planner.bounds import lower_bound
-    if plan is None:
-        return math.nan
-    ranks = tuple(sorted({lp.grad_rank for lp in plan.layers if lp.grad_rank is not None}))
-    if not ranks and plan.globals.gpu_mem_bytes is None and plan.train == train:
-        return lower.bound_s
-    return lower_bound(model, plan.train, hw, plan.globals.gpu_mem_bytes, grad_ranks=ranks).bound_s
-
-
-def _row(name, plan, sim, why) -> dict:
-    if sim is None:
-        return {"policy": name, "fits": False, "iteration_s": math.nan, "why_not_fit": why,
-                "lossless": plan.lossless if plan else None}
-    fits = bool(sim.fits)
-    peak = sim.peak_bytes or {}
-    return {"policy": name, "fits": fits,
-            "iteration_s": float(sim.iteration_s) if fits else math.nan,
-            "tokens_per_s": float(sim.tokens_per_s) if fits else math.nan,
-            "tflops": float(sim.tflops) if fits else math.nan,
-            "peak_gpu_gib": peak.get("gpu", 0) / GiB, "peak_cpu_gib": peak.get("cpu", 0) / GiB,
-            "peak_ssd_gib": peak.get("ssd", 0) / GiB,
-            "bottleneck": sim.bottleneck if fits else None, "lossless": plan.lossless,
-            "optimizer": plan.train.optimizer, "why_not_fit": None if fits else (why or sim.error)}
 
 
 def plot_compare(df, path: str) -> None:
@@ -211,7 +147,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot:
         plot_compare(df, args.plot)
     if args.json:
-        print_json({"model": model.name, "hardware": hw.name, "lower_bound_s": df.attrs["lower_bound_s"],
+        lb = df.attrs["lower_bound_s"]
+        print_json({"model": model.name, "hardware": hw.name, "lower_bound_s": lb if math.isfinite(lb) else None,
                     "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                              for r in df.to_dict("records")]})
         return 0

@@ -9,8 +9,8 @@ from tiertune.commands.common import ITERATIONS, add_workload_args, check_plan_m
 from tiertune.errors import InputError
 from tiertune.fileio import check_output
 from tiertune.hardware import GiB
+from tiertune.vocab import RESOURCES
 
-RESOURCE_ORDER = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
 
 
 def register(sub) -> None:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  iteration  {result.iteration_s:.4g} s   {result.tokens_per_s:,.0f} tokens/s   "
           f"{result.tflops:.1f} TFLOP/s")
     print("  peak       " + "   ".join(f"{t} {b / GiB:.2f} GiB" for t, b in result.peak_bytes.items()))
-    print("  busy/iter  " + "   ".join(f"{r} {result.busy_s[r]:.3g}s" for r in RESOURCE_ORDER))
+    print("  busy/iter  " + "   ".join(f"{r} {result.busy_s[r]:.3g}s" for r in RESOURCES))
     print(f"  bottleneck {result.bottleneck}   ({result.events} tasks simulated in {result.sim_wall_s * 1e3:.1f} ms)")
     for note in plan.notes():
         print(f"  note: {note}")

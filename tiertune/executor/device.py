@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 import torch
 
 from tiertune.errors import InputError
+from tiertune.vocab import TIERS
 
-TIERS = ("gpu", "cpu", "ssd")
 GiB = 1 << 30
 PROMISE_WAIT_S = 60.0       # longest wait for promised memory before an allocation gives up
 

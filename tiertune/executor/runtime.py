@@ -64,10 +64,10 @@ from tiertune.executor.updates import OptimConfig, state_shapes
 from tiertune.executor.updates import step as optim_step
 from tiertune.schedule import Plan
 from tiertune.traces.trace import Trace
+from tiertune.vocab import COPY_ENGINES
 from tiertune.workload import ModelSpec, layer_costs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ENGINES = ("h2d", "d2h", "cpu", "ssd_read", "ssd_write")
 # The GIL switch interval during a step (Python's default is 5 ms); see Executor.step.
 SWITCH_INTERVAL_S = 2e-4
 
@@ -248,7 +248,7 @@ class Executor:
             total = torch.cuda.get_device_properties(self.dev).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem_bytes / total), self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
-        self.eng = {r: Engine(r, self.rec, self.dev) for r in ENGINES}
+        self.eng = {r: Engine(r, self.rec, self.dev) for r in COPY_ENGINES}
         for L in self.layers:
             self._place(L)
 

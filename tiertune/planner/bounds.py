@@ -1,18 +1,27 @@
 """Lower bounds on iteration time that no plan can beat, for (model, train, hardware, GPU budget).
 
-A linear relaxation of the placement problem: per layer, fractions of its optimizer state, weights and
-activations that leave the GPU (and of those, the fractions on the SSD). Memory of each tier must hold
-what stays; every resource must do the work the placement implies, at its best efficiency and with no
-latency. The bound is the least T with every resource's work <= T (solved with GLOP, OR-Tools' LP).
-Its parts, each a bound by itself:
-  - compute: forward + backward at the cost model's speed (plus what the placement forces: recompute,
-    GPU optimizer steps);
-  - PCIe: bytes that cannot stay resident cross at least as often as the engine's task graph needs
-    them (weights: forward and backward; off-GPU optimizer: gradient down, new weights up);
-  - SSD: what must leave the GPU but does not fit in host memory is read (and, for optimizer state,
-    written back) each iteration;
-  - CPU: the optimizer work of every state that cannot stay on the GPU.
-Plans are reported as a ratio to this bound (DESIGN.md: CP-SAT's own bound was 1-16% looser).
+A linear relaxation of the per-layer decisions: for each layer, the fractions of its weights and
+optimizer state that leave the GPU (and of those, the fractions on the SSD), and of its activations
+that are recomputed or sent to the host. For any real plan (fractions 0 or 1) every term below is
+at most what the engine's task graph (simulator/builder.py) does, so the least T with every
+resource's work <= T is a bound on the engine's iteration time (solved with GLOP, OR-Tools' LP):
+  - durations are the cost model's own task durations (CostModel: one copy, one update, one
+    layer's forward), the same the builder gives its tasks; contention only slows tasks down;
+  - compute: forward + backward per micro-batch, recompute of what is recomputed, GPU optimizer
+    steps of what stays on the GPU;
+  - PCIe: a streamed layer's weights cross for forward and for backward, except the last layer's,
+    which stay on the device from its forward to its backward; activations sent to the host cross
+    twice; an off-GPU optimizer takes the gradient down and sends new weights up to GPU-homed
+    weights; a GPU optimizer sends streamed weights home;
+  - SSD: weights read per crossing and written back once, optimizer state read and written,
+    activations written and read;
+  - CPU: the optimizer work of every state off the GPU.
+Memory: host and SSD hold what is homed there (the least optimizer state: no extra fp32 master);
+on the GPU, besides the profile's reserve and what stays resident, the backward of each layer i
+holds i's activations, weights, gradient and workspace while every earlier layer keeps its
+activations (or their checkpoint when recomputed). Activations sent to the host are freed once
+copied, as the engine frees them, so they cost the GPU nothing while away.
+Plans are reported as a ratio to this bound.
 """
 
 from __future__ import annotations
@@ -25,17 +34,17 @@ from ortools.linear_solver import pywraplp
 from tiertune.hardware import HardwareProfile
 from tiertune.planner.estimate import usable_gpu_bytes
 from tiertune.simulator.costs import CostModel
+from tiertune.vocab import LINKS, RESOURCES
 from tiertune.workload import ModelSpec, TrainSpec
-
-WEIGHT_CROSSINGS = 2   # a streamed layer is fetched for forward and again for backward (engine task graph)
 
 
 @dataclass(frozen=True)
 class LowerBound:
     bound_s: float                          # inf when no placement fits the budget
-    binding: str                            # resource that sets the bound
+    binding: str                            # resource that sets the bound ("memory" when none fits)
     parts: dict = field(default_factory=dict)   # resource -> busy seconds at the relaxed optimum
     compute_s: float = 0.0                  # forward + backward alone: the `ideal` floor
+    reason: str | None = None               # why there is no finite bound
 
     @property
     def feasible(self) -> bool:
@@ -43,6 +52,17 @@ class LowerBound:
 
     def ratio(self, iteration_s: float) -> float:
         return iteration_s / self.bound_s if self.feasible and self.bound_s > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        """JSON-safe: an infinite bound is null with the reason beside it."""
+        return {"bound_s": self.bound_s if self.feasible else None, "binding": self.binding,
+                "parts": dict(self.parts), "compute_s": self.compute_s, "reason": self.reason}
+
+
+def weight_crossings(layer: int, n_layers: int) -> int:
+    """How often a streamed layer's weights reach the GPU per micro-batch in the engine's task graph:
+    for forward and for backward, except the last layer's, kept from its forward to its backward."""
+    return 1 if layer == n_layers - 1 else 2
 
 
 def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_budget: int | None = None,
@@ -55,68 +75,74 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
     cm = CostModel(model, train, hw)
     budget = hw.gpu_mem_bytes if gpu_budget is None else gpu_budget
     e = train.elem_bytes
-    peak_eff = lambda curve: max(p[1] for p in curve.points)          # noqa: E731
-    h2d = hw.h2d_bps * peak_eff(hw.pcie_efficiency)
-    d2h = hw.d2h_bps * peak_eff(hw.pcie_efficiency)
-    ssd_r = hw.ssd_read_total_bps * peak_eff(hw.ssd_efficiency)
-    ssd_w = hw.ssd_write_total_bps * peak_eff(hw.ssd_efficiency)
-    cpu_rate = (hw.cpu_sgd_params_per_s if train.optimizer == "sgd" else hw.cpu_adam_params_per_s) * hw.cpu_workers
+    mb = train.grad_accum                           # forward, backward and their copies run per micro-batch
+    workspace = 2 * e * train.seq_len * train.batch * model.hidden     # dY in, dX out (builder.py)
+    n = len(cm.layers)
 
     solver = pywraplp.Solver.CreateSolver("GLOP")
     T = solver.NumVar(0, solver.infinity(), "T")
-    gpu_mem = cpu_mem = ssd_mem = 0
-    t_gpu = t_h2d = t_d2h = t_cpu = t_sr = t_sw = 0
+    resident = cpu_mem = ssd_mem = 0
+    t = dict.fromkeys(RESOURCES, 0)
     compute = 0.0
-    work = max(lc.act_bytes for lc in cm.layers) + max(lc.grad_bytes for lc in cm.layers)
+    kept_before = 0                                 # activations earlier layers hold during a backward
+    transient = []                                  # per layer: what its backward adds on the GPU
     rank = min(grad_ranks) if grad_ranks else None
     for i, lc in enumerate(cm.layers):
         v = lambda name: solver.NumVar(0, 1, f"{name}{i}")              # noqa: E731
-        o, w, ar, ao, so, sw, sa, u = (v(n) for n in ("o", "w", "ar", "ao", "so", "sw", "sa", "u"))
+        o, w, ar, ao, so, sw, sa, up, down = (v(x) for x in ("o", "w", "ar", "ao", "so", "sw", "sa", "up", "dn"))
         c = v("c") if rank is not None else 0
-        solver.Add(o + c <= 1)
+        solver.Add(o + c <= 1)                      # optimizer off the GPU: lossless (o) or compressed (c)
         solver.Add(ar + ao <= 1)
         solver.Add(so <= o + c)
         solver.Add(sw <= w)
         solver.Add(sa <= ao)
-        solver.Add(u >= o - w)                       # off-GPU optimizer with resident weights: new weights go up
-        comp_p = cm.compressed_params(i, rank) if rank is not None else lc.params
+        solver.Add(up >= o - w)                     # off-GPU optimizer, GPU-homed weights: new weights go up
+        solver.Add(down >= w - o - c)               # GPU optimizer, streamed weights: new weights go home
         fb = cm.forward_s(i) + cm.backward_s(i)
-        compute += fb
-        freed_act = lc.act_bytes - lc.act_checkpoint_bytes
-        gpu_mem += lc.weight_bytes * (1 - w) + lc.optim_bytes * (1 - o - c) + lc.act_bytes - freed_act * (ar + ao)
+        compute += mb * fb
+        ckpt = min(lc.act_checkpoint_bytes, lc.act_bytes)
+        keep = 1 - ar - ao
+        resident += lc.weight_bytes * (1 - w) + lc.optim_bytes * (1 - o - c)
+        transient.append(kept_before + lc.act_bytes + workspace + lc.grad_bytes + lc.weight_bytes * w)
+        kept_before = kept_before + lc.act_bytes * keep + ckpt * ar
         cpu_mem += lc.weight_bytes * (w - sw) + lc.optim_bytes * (o - so) + lc.act_bytes * (ao - sa)
-        if rank is not None:
-            cpu_mem += cm.optim_state_bytes(i, rank) * c
         ssd_mem += lc.weight_bytes * sw + lc.optim_bytes * so + lc.act_bytes * sa
-        t_gpu += fb + cm.recompute_s(i) * ar + cm.gpu_update_s(i) * (1 - o - c)
+        cross = mb * weight_crossings(i, n)
+        t["gpu"] += mb * (fb + cm.recompute_s(i) * ar) + cm.gpu_update_s(i) * (1 - o - c)
+        t["h2d"] += (cross * cm.h2d_s(lc.weight_bytes) * w + cm.h2d_s(lc.weight_bytes) * up
+                     + mb * cm.h2d_s(lc.act_bytes) * ao)
+        t["d2h"] += mb * (cm.d2h_s(lc.grad_bytes) * o + cm.d2h_s(lc.act_bytes) * ao) + cm.d2h_s(lc.weight_bytes) * down
+        t["cpu"] += cm.cpu_update_s(lc.params) * o
+        t["ssd_read"] += (cm.ssd_read_s(lc.optim_bytes) * so + cross * cm.ssd_read_s(lc.weight_bytes) * sw
+                          + mb * cm.ssd_read_s(lc.act_bytes) * sa)
+        t["ssd_write"] += (cm.ssd_write_s(lc.optim_bytes) * so + cm.ssd_write_s(lc.weight_bytes) * sw
+                           + mb * cm.ssd_write_s(lc.act_bytes) * sa)
         if rank is not None:
-            t_gpu += 2 * cm.compress_s(i, rank, 1) * c
-        t_h2d += (WEIGHT_CROSSINGS * lc.weight_bytes * w + lc.weight_bytes * u + lc.act_bytes * ao) / h2d
-        t_d2h += (lc.grad_bytes * o + lc.act_bytes * ao) / d2h
-        t_cpu += lc.params * o / cpu_rate
-        if rank is not None:
-            t_h2d += comp_p * e * c / h2d                # the d x d delta goes up instead of the weights
-            t_d2h += comp_p * e * c / d2h
-            t_cpu += comp_p * c / cpu_rate
-        t_sr += (lc.optim_bytes * so + WEIGHT_CROSSINGS * lc.weight_bytes * sw + lc.act_bytes * sa) / ssd_r
-        t_sw += (lc.optim_bytes * so + lc.act_bytes * sa) / ssd_w
-    solver.Add(gpu_mem + work <= usable_gpu_bytes(budget))
+            comp_p = cm.compressed_params(i, rank)
+            cpu_mem += cm.optim_state_bytes(i, rank) * c
+            t["gpu"] += mb * cm.compress_s(i, rank, 1) * c      # P^T G Q of each micro-batch's gradient
+            t["d2h"] += mb * cm.d2h_s(comp_p * e) * c
+            t["cpu"] += cm.cpu_update_s(comp_p) * c
+    usable = usable_gpu_bytes(hw, budget)
+    for extra in transient:
+        solver.Add(resident + extra <= usable)
     solver.Add(cpu_mem <= hw.cpu_mem_bytes)
     solver.Add(ssd_mem <= hw.ssd_capacity_total_bytes)
-    terms = {"gpu": t_gpu, "cpu": t_cpu}
-    if hw.pcie_duplex:
-        terms.update(h2d=t_h2d, d2h=t_d2h)
-    else:
-        terms["pcie"] = t_h2d + t_d2h
-    if hw.ssd_duplex:
-        terms.update(ssd_read=t_sr, ssd_write=t_sw)
-    else:
-        terms["ssd"] = t_sr + t_sw
+    t["cpu"] = t["cpu"] * (1.0 / max(1, hw.cpu_workers))
+    terms = {"gpu": t["gpu"], "cpu": t["cpu"]}
+    for link, (a, b) in LINKS.items():
+        if getattr(hw, f"{link}_duplex"):
+            terms.update({a: t[a], b: t[b]})
+        else:
+            terms[link] = t[a] + t[b]
     for expr in terms.values():
         solver.Add(T >= expr)
     solver.Minimize(T)
     if solver.Solve() != pywraplp.Solver.OPTIMAL:
-        return LowerBound(math.inf, "memory", {}, compute)
+        return LowerBound(math.inf, "memory", {}, compute,
+                          f"no placement, even fractional, fits {budget / 2**30:.2f} GiB of GPU memory "
+                          f"({hw.gpu_reserve_bytes / 2**20:.0f} MiB reserved), {hw.cpu_mem_bytes / 2**30:.0f} GiB "
+                          f"of host memory and {hw.ssd_capacity_total_bytes / 2**30:.0f} GiB of SSD")
     parts = {k: _value(x) for k, x in terms.items()}
     binding = max(parts, key=parts.get)
     return LowerBound(T.solution_value(), binding, parts, compute)

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from ortools.sat.python import cp_model
 
 from tiertune.hardware import HardwareProfile
-from tiertune.planner.estimate import (RESOURCES, fold_duplex, layer_work, optimizer_state_bytes,
+from tiertune.planner.estimate import (fold_duplex, layer_work, optimizer_state_bytes,
                                        usable_gpu_bytes)
-from tiertune.schedule import ACTIVATIONS, TIERS, LayerPlan, Plan
+from tiertune.schedule import ACTIVATIONS, LayerPlan, Plan
 from tiertune.simulator.costs import CostModel
+from tiertune.vocab import LINKS, RESOURCES, TIERS
 
 MIB = 1 << 20
 STATUS = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible",
@@ -60,11 +61,14 @@ class SolverStats:
 
 def allowed_updates(plan_train, optimizer: str) -> tuple[str, ...]:
     """`fused` (LOMO) frees each gradient in its hook: only for a GPU-side update, with no gradient
-    accumulation (Plan validation) and no clipping (it would need a second backward, ANCHORS.md)."""
+    accumulation (Plan validation) and no clipping (it would need a second backward, ANCHORS.md).
+    A CPU/SSD optimizer's `after` is not dominated by `overlap`: the engine runs `after` updates in
+    forward order, overlapping the next iteration's forward, while `overlap` updates end with
+    layer 0, which the next forward needs first."""
     if optimizer == "gpu":
         fused_ok = plan_train.grad_accum == 1 and plan_train.grad_clip is None
         return ("overlap", "fused") if fused_ok else ("overlap", "after")
-    return ("overlap",)
+    return ("overlap", "after")
 
 
 def layer_choices(train, ranks: tuple[int, ...] = (), full: bool = False) -> list[LayerPlan]:
@@ -108,12 +112,13 @@ def resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
 
 
 def working_set(cm: CostModel, depth: int) -> int:
-    """GPU bytes in flight at worst: prefetch buffers of weights and activations, one layer's
-    activations during backward and one gradient (the same terms as estimate.footprint)."""
-    w = max(lc.weight_bytes for lc in cm.layers)
-    a = max(lc.act_bytes for lc in cm.layers)
-    g = max(lc.grad_bytes for lc in cm.layers)
-    return (depth + 1) * (w + a) + a + g
+    """GPU bytes a layer's backward holds beyond what stays resident, at worst: its activations,
+    gradient, streamed weights and dY/dX workspace (simulator/builder.py). Prefetches (`depth`
+    layers ahead) are not reserved: the engine starts a copy only once its bytes fit, so a tight
+    budget delays them instead of failing. Activations kept for earlier layers are in `resident`."""
+    t = cm.train
+    workspace = 2 * t.elem_bytes * t.seq_len * t.batch * cm.model.hidden
+    return max(lc.act_bytes + lc.grad_bytes + lc.weight_bytes for lc in cm.layers) + workspace
 
 
 # --- stage 1: the count model ---------------------------------------------------------------------
@@ -147,10 +152,10 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
     for r in RESOURCES:
         m.add(T * 1000 >= sum(int(round(works[g[0], k][0][r] / unit * 1000)) * counts[gi][k]
                               for gi, g in enumerate(grp) for k in range(len(choices))))
-    cap = {"gpu": usable_gpu_bytes(gpu_budget) - working_set(cm, depth), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
+    cap = {"gpu": usable_gpu_bytes(hw, gpu_budget) - working_set(cm, depth), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
     if cap["gpu"] < 0:
         return None, SolverStats("infeasible", None, None, time.perf_counter() - t0, "counts")
-    for tier in ("gpu", "cpu", "ssd"):
+    for tier in TIERS:
         m.add(sum((works[g[0], k][1][tier] // MIB) * counts[gi][k]
                   for gi, g in enumerate(grp) for k in range(len(choices))) <= cap[tier] // MIB)
     m.minimize(T)
@@ -391,15 +396,15 @@ class IntervalModel:
             m.add(ucs >= last_b).only_enforce_if(lit)
         # one task at a time per resource; half-duplex links share one timeline (DESIGN.md vocabulary)
         lanes = [["gpu"]]
-        lanes += [["h2d"], ["d2h"]] if hw.pcie_duplex else [["h2d", "d2h"]]
-        lanes += [["ssd_read"], ["ssd_write"]] if hw.ssd_duplex else [["ssd_read", "ssd_write"]]
+        for link, pair in LINKS.items():
+            lanes += [[r] for r in pair] if getattr(hw, f"{link}_duplex") else [list(pair)]
         for lane in lanes:
             m.add_no_overlap([iv for r in lane for iv in res_iv[r]])
         if hw.cpu_workers > 1:
             m.add_cumulative(res_iv["cpu"], [1] * len(res_iv["cpu"]), hw.cpu_workers)
         else:
             m.add_no_overlap(res_iv["cpu"])
-        m.add_cumulative(gpu_mem_iv, gpu_mem_dem, max(0, usable_gpu_bytes(gpu_budget) // MIB))
+        m.add_cumulative(gpu_mem_iv, gpu_mem_dem, max(0, usable_gpu_bytes(hw, gpu_budget) // MIB))
         self.n_intervals = len(self.starts) + len(gpu_mem_iv)
         m.add(sum(static["cpu"]) <= hw.cpu_mem_bytes // MIB)
         m.add(sum(static["ssd"]) <= hw.ssd_capacity_total_bytes // MIB)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import LayerPlan, Plan
-from tiertune.simulator.builder import CUDA_CONTEXT_BYTES
 from tiertune.simulator.costs import CostModel
+from tiertune.vocab import LINKS, RESOURCES, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
-RESOURCES = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,9 @@ def busy_s(cm: CostModel, plan: Plan) -> dict[str, float]:
 
 def fold_duplex(tot: dict[str, float], hw: HardwareProfile) -> dict[str, float]:
     out = dict(tot)
-    if not hw.pcie_duplex:
-        out["h2d"] = out["d2h"] = tot["h2d"] + tot["d2h"]
-    if not hw.ssd_duplex:
-        out["ssd_read"] = out["ssd_write"] = tot["ssd_read"] + tot["ssd_write"]
+    for link, (a, b) in LINKS.items():
+        if not getattr(hw, f"{link}_duplex"):
+            out[a] = out[b] = tot[a] + tot[b]
     out["cpu"] = tot["cpu"] / max(1, hw.cpu_workers)
     return out
 
@@ -168,7 +166,7 @@ def footprint(cm: CostModel, plan: Plan) -> dict[str, int]:
 def overflow(cm: CostModel, plan: Plan) -> str | None:
     """None when the footprint fits every tier of the plan's budget; else which tier, needed vs available."""
     need = footprint(cm, plan)
-    for tier in ("gpu", "cpu", "ssd"):
+    for tier in TIERS:
         cap = capacity(cm.hw, plan, tier)
         if need[tier] > cap:
             return f"{tier} memory: needs {need[tier] / 2**30:.1f} GiB, has {cap / 2**30:.1f} GiB"
@@ -181,9 +179,9 @@ def capacity(hw: HardwareProfile, plan: Plan, tier: str) -> int:
     return hw.capacity(tier)
 
 
-def usable_gpu_bytes(budget: int) -> int:
-    """GPU bytes left for tensors: the engine reserves a CUDA context out of every budget."""
-    return budget - CUDA_CONTEXT_BYTES
+def usable_gpu_bytes(hw: HardwareProfile, budget: int) -> int:
+    """GPU bytes left for tensors: the engine reserves the profile's device reserve out of every budget."""
+    return budget - hw.gpu_reserve_bytes
 
 
 def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostModel:

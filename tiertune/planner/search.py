@@ -1,18 +1,23 @@
 """The search driver: `plan_schedule(model, train, hw, time_limit_s) -> PlanResult`.
 
-Runs the named baselines through the engine, then DESIGN.md's recipe: (1) CP-SAT count model placed
-on layers by rule, (2) coordinate descent on the counts with every candidate scored by the engine,
-(3) the full CP-SAT interval model seeded with the best schedule, polishing in the remaining time.
-The chosen plan is re-checked with `simulate()`; where the engine and CP-SAT disagree by > 5% we say
-so and refine by local search (engine in the loop) on the layers the solver changed. Only engine
-numbers decide. If nothing fits, InputError names the smallest GPU budget that would.
+Stages, each recorded as {name, wall_s, iteration_s (engine), improved}; only engine numbers decide:
+  seeds        the named baselines in the planner's space and the leanest uniform plan;
+  cpsat-counts CP-SAT count model (how many layers of each kind take each choice), placed by rule;
+  descent      coordinate descent on those counts;
+  depth        the prefetch depth (0-3);
+  local        per-layer and pair moves;
+  cpsat-intervals  the CP-SAT interval model of one iteration, seeded with the best schedule;
+  polish       the plain local search of planner/local.py (`--search local`) from the best so far;
+  restarts     iterated local search: a few layers moved at random, polished again, in the time left.
+`plan_from` names the stage (or baseline) whose solution is returned. If nothing fits, InputError
+names the smallest GPU budget that would.
 """
-
 from __future__ import annotations
 
 from typing import Callable
 
 import itertools
+import random
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -23,6 +28,8 @@ from tiertune.planner import cpsat
 from tiertune.planner.bounds import LowerBound, lower_bound
 from tiertune.planner.compression import allowed_ranks, default_ranks
 from tiertune.planner.estimate import cost_model
+from tiertune.planner.local import DEPTHS
+from tiertune.planner.local import local_search as plain_local_search
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.workload import ModelSpec, TrainSpec
@@ -72,6 +79,7 @@ class PlanResult:
     wall_s: float = 0.0
     evaluations: int = 0
     grad_ranks: tuple[int, ...] = ()
+    plan_from: str = ""                            # the stage (or baseline) whose solution is returned
 
     @property
     def iteration_s(self) -> float:
@@ -89,19 +97,29 @@ class PlanResult:
 
     def summary(self) -> dict:
         b = self.best_baseline
+        finite = self.lower.feasible
         return {
             "iteration_s": self.iteration_s,
             "tokens_per_s": float(self.sim.tokens_per_s),
-            "lower_bound_s": self.lower.bound_s,
-            "ratio_to_lower_bound": self.lower.ratio(self.iteration_s),
+            "lower_bound_s": self.lower.bound_s if finite else None,
+            "lower_bound_reason": self.lower.reason,
+            "ratio_to_lower_bound": self.lower.ratio(self.iteration_s) if finite else None,
+            "prefetch_depth": self.plan.globals.prefetch_depth,
+            "stages": [_json_safe(st) for st in self.stages],
+            "plan_from": self.plan_from,
             "solver": {k: self.solver.get(k) for k in ("status", "objective_s", "bound_s", "gap", "wall_s")},
-            "engine_vs_solver": self.engine_vs_solver,
+            "engine_vs_solver": (self.engine_vs_solver if self.engine_vs_solver is None
+                                 or math.isfinite(self.engine_vs_solver) else None),
             "best_baseline": {"policy": b.name, "iteration_s": b.iteration_s} if b else None,
             "speedup_vs_best_baseline": self.speedup_vs_best_baseline,
             "planner_wall_s": self.wall_s,
             "engine_evaluations": self.evaluations,
             "notes": self.notes,
         }
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def run_baselines(model: ModelSpec, train: TrainSpec, hw: HardwareProfile,
@@ -119,19 +137,25 @@ def run_baselines(model: ModelSpec, train: TrainSpec, hw: HardwareProfile,
 
 
 class _Scorer:
-    """Engine-in-the-loop scoring with a cache keyed by the per-layer decisions."""
+    """Engine-in-the-loop scoring with a cache keyed by the prefetch depth and per-layer decisions.
+    `depth` is the prefetch depth the scored plans use (the depth stage sets it)."""
 
     def __init__(self, model, train, hw, template: Plan) -> None:
         self.model, self.train, self.hw, self.template = model, train, hw, template
+        self.depth = template.globals.prefetch_depth
         self.cache: dict[tuple, tuple[float, object]] = {}
 
     def __call__(self, layers) -> float:
         return self.eval(layers)[0]
 
+    def plan(self, layers, depth: int | None = None) -> Plan:
+        d = self.depth if depth is None else depth
+        return self.template.replace(globals=replace(self.template.globals, prefetch_depth=d)).with_layers(tuple(layers))
+
     def eval(self, layers) -> tuple[float, object]:
-        key = tuple(layers)
+        key = (self.depth, tuple(layers))
         if key not in self.cache:
-            sim = simulate(self.model, self.train, self.hw, self.template.with_layers(key))
+            sim = simulate(self.model, self.train, self.hw, self.plan(layers))
             self.cache[key] = (float(sim.iteration_s) if sim.fits else math.inf, sim)
         return self.cache[key]
 
@@ -209,6 +233,17 @@ def local_search(layers: list[LayerPlan], idx: list[int], choices: list[LayerPla
     return best
 
 
+def lean_start(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, grad_ranks: tuple[int, ...] = (),
+               choices: list[LayerPlan] | None = None) -> Plan:
+    """The uniform plan that holds the least on the GPU (host weights before SSD ones): what fits
+    when anything does."""
+    cm = cost_model(model, train, hw)
+    choices = choices if choices is not None else cpsat.layer_choices(train, grad_ranks)
+    lean = min(choices, key=lambda c: (cpsat.resident(cm, 1, c)["gpu"], c.params != "cpu", str(c)))
+    return Plan(model=model.name, hardware=hw.name, train=train, layers=(lean,) * len(cm.layers),
+                globals=PlanGlobals(prefetch_depth=1), provenance={})
+
+
 def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
                   grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None,
                   choices: list[LayerPlan] | None = None,
@@ -217,7 +252,10 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     """Search a per-layer schedule; return the best engine-verified plan with provenance.
     `choices` narrows the per-layer options (default: every option the training settings allow).
     `grad_ranks`: LSP ranks each layer may use; `max_compression_error` drops those whose estimated
-    error (planner/compression.py) exceeds it, and with no ranks given picks from default candidates."""
+    error (planner/compression.py) exceeds it, and with no ranks given picks from default candidates.
+
+    Every stage is recorded as {name, wall_s, iteration_s (engine), improved}; `plan_from` names the
+    stage (or baseline) whose solution is returned. CP-SAT stages are named cpsat-*."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
     cap_notes: list[str] = []
@@ -237,101 +275,139 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
                     globals=PlanGlobals(prefetch_depth=1, max_compression_error=max_compression_error),
                     provenance={})
     score = _Scorer(model, train, hw, template)
+    allowed = set(choices).__contains__ if choices is not None else None     # the caller narrowed the space
     choices = list(choices) if choices is not None else cpsat.layer_choices(train, grad_ranks)
     groups = cpsat.groups(cm)
     stages: list[dict] = []
+    best: list[LayerPlan] = []
+    best_s = math.inf
+    best_from = ""
 
-    def stage(d: dict) -> None:
-        stages.append(d)
+    def stage(name: str, t1: float, cand: list[LayerPlan] | None, **extra) -> None:
+        """Record a stage; its candidate becomes the best when the engine finds it faster."""
+        nonlocal best, best_s, best_from
+        s = score(cand) if cand is not None else math.inf
+        improved = s < best_s * (1 - 1e-9)
+        if improved:
+            best, best_s, best_from = list(cand), s, name
+        stages.append({"name": name, "wall_s": time.perf_counter() - t1, "iteration_s": s, "improved": improved,
+                       "evaluations": len(score.cache), **extra})
         if log is not None:        # long searches show progress (the CLI prints to stderr)
-            best_s = d.get("iteration_s", d.get("objective_s"))
-            log(f"[plan] {d.get('stage', 'cp-sat')}: {d.get('status', '')} "
-                f"{'' if best_s is None else f'{best_s:.4g} s '}after {time.perf_counter() - t0:.1f} s")
-    seeds: list[list[LayerPlan]] = []
+            log(f"[plan] {name}: {'' if math.isinf(s) else f'{s:.4g} s '}"
+                f"{'(improved) ' if improved else ''}after {time.perf_counter() - t0:.1f} s")
+
+    # (0) seeds: the baselines in this space, the leanest uniform plan
+    seeds: list[tuple[list[LayerPlan], str]] = []
     for b in sorted(same, key=lambda b: b.iteration_s):
-        if b.plan.globals.prefetch_depth == 1 and all(lp in choices for lp in b.plan.layers):
-            seeds.append(list(b.plan.layers))
-    # (1) count model, placed by rule
-    counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, 1, min(5.0, 0.1 * time_limit_s),
-                                    hint=seeds[0] if seeds else None)
-    stage(st.to_dict())
-    if counts is not None:
-        seeds.append(cpsat.place(cm, choices, counts))
-    # the count model's memory rows are approximate: the leanest uniform layout is always a candidate
-    lean = min(choices, key=lambda c: (cpsat.resident(cm, 1, c)["gpu"], c.params != "cpu"))
-    seeds.append([lean] * len(cm.layers))
-    start = min(seeds, key=score)
-    if math.isinf(score(start)):
+        seeds.append((list(b.plan.layers), f"baseline {b.name}"))
+    seeds.append((list(lean_start(model, train, hw, grad_ranks, choices).layers), "lean"))
+    for layers, origin in seeds:
+        stage(origin, time.perf_counter(), layers)
+    # (1) CP-SAT count model, placed on layers by rule
+    t1 = time.perf_counter()
+    counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, score.depth, min(5.0, 0.1 * time_limit_s),
+                                    hint=best or None)
+    stage("cpsat-counts", t1, cpsat.place(cm, choices, counts) if counts is not None else None, **_solver_fields(st))
+    if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
-    # (0) a space small enough to enumerate (a few thousand engine runs at most) is enumerated
+    # (1b) a space small enough to enumerate (a few thousand engine runs at most) is enumerated
     if len(choices) ** len(cm.layers) <= EXACT_LIMIT:
         t1 = time.perf_counter()
-        start = min(itertools.product(choices, repeat=len(cm.layers)), key=score)
-        stage({"stage": "enumerate", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
-                       "iteration_s": score(start)})
+        stage("enumerate", t1, list(min(itertools.product(choices, repeat=len(cm.layers)), key=score)))
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
-    best = descend(start, choices, score, groups, t0 + 0.4 * time_limit_s)
-    stage({"stage": "descent", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
-                   "iteration_s": score(best)})
-    # (2b) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
+    stage("descent", t1, descend(best, choices, score, groups, t0 + 0.3 * time_limit_s))
+    # (3) prefetch depth: how far streamed weights and activations run ahead of their use
     t1 = time.perf_counter()
-    best = local_search(best, list(range(len(best))), choices, score, t0 + 0.6 * time_limit_s)
-    stage({"stage": "local", "wall_s": time.perf_counter() - t1, "evaluations": len(score.cache),
-                   "iteration_s": score(best)})
-    # (3) the full interval model seeded with the best schedule
+    by_depth = {}
+    for d in DEPTHS:
+        score.depth = d
+        by_depth[d] = score(best)
+    score.depth = min(by_depth, key=lambda d: (by_depth[d], d != 1))
+    stage("depth", t1, best, prefetch_depth=score.depth)
+    # (4) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
+    t1 = time.perf_counter()
+    stage("local", t1, local_search(best, list(range(len(best))), choices, score, t0 + 0.45 * time_limit_s))
+    # (5) the full CP-SAT interval model seeded with the best schedule
     solver: dict = {}
     engine_vs_solver = None
     notes: list[str] = list(cap_notes)
-    remaining = deadline - time.perf_counter()
+    remaining = min(deadline - time.perf_counter(), 0.25 * time_limit_s)
     if remaining > 1.0:
-        sol, st = cpsat.solve_intervals(cm, choices, best, hw.gpu_mem_bytes, remaining * 0.8,
-                                        template.globals.lsp_nnz_per_row, fallback_seeds=tuple(seeds[:1]))
+        t1 = time.perf_counter()
+        sol, st = cpsat.solve_intervals(cm, choices, best, hw.gpu_mem_bytes, remaining,
+                                        template.globals.lsp_nnz_per_row, fallback_seeds=tuple(layers for layers, _ in seeds[:1]))
         solver = st.to_dict()
-        stage(solver)
-        if sol is not None:
-            changed = [i for i, (x, y) in enumerate(zip(sol, best)) if x != y]
-            sol_s = score(sol)
-            off = sol_s / st.objective_s - 1.0 if st.objective_s else None
-            if off is not None and abs(off) > DISAGREE:
-                # CP-SAT models one iteration's makespan with approximate memory; the engine runs the
-                # steady state. Refine the solver's answer with the engine in the loop.
-                what = (f"disagree by {100 * off:+.1f}%" if math.isfinite(off)
+        if sol is not None and st.objective_s:
+            engine_vs_solver = score(sol) / st.objective_s - 1.0
+            if abs(engine_vs_solver) > DISAGREE:
+                what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
                         else "disagree: the engine finds it does not fit")
-                notes.append(f"engine and CP-SAT {what} on the solver's schedule; refined by local search on "
-                             f"the {len(changed) or len(sol)} layers it changed")
-                sol = local_search(sol, changed or list(range(len(sol))), choices, score,
-                                   deadline + 0.1 * time_limit_s)
-                sol_s = score(sol)
-            if sol_s < score(best):
-                best, engine_vs_solver = sol, off
-            elif st.extra.get("seed_objective_s") and st.extra.get("seed_index") == 0:
-                engine_vs_solver = score(best) / st.extra["seed_objective_s"] - 1.0
-                if abs(engine_vs_solver) > DISAGREE:
-                    notes.append(f"engine and CP-SAT disagree by {100 * engine_vs_solver:+.1f}% on the chosen plan "
-                                 f"(CP-SAT: one iteration's makespan from a time-limited solve; engine: steady "
-                                 f"state); the plan was already refined with the engine in the loop")
+                notes.append(f"engine and CP-SAT {what} on the solver's schedule (CP-SAT: one iteration's "
+                             f"makespan with approximate memory; engine: steady state)")
+        stage("cpsat-intervals", t1, sol, **_solver_fields(st))
     else:
         solver = {"status": "skipped (no time left)", "objective_s": None, "bound_s": None, "gap": None, "wall_s": 0.0}
-    # never return something slower than a baseline the engine already verified
+    # (6) the plain local search (planner/local.py, `--search local`) from the best so far, in the
+    # time left: every field and the prefetch depth on blocks of layers
+    left = deadline - time.perf_counter()
+    if left > 0.2:
+        t1 = time.perf_counter()
+        polished = plain_local_search(model, train, hw, score.plan(best), left, tuple(grad_ranks),
+                                      allowed=allowed).plan
+        kept_depth, score.depth = score.depth, polished.globals.prefetch_depth
+        stage("polish", t1, list(polished.layers))
+        if not stages[-1]["improved"]:
+            score.depth = kept_depth
+    # (7) iterated local search in whatever time is left: move a few random layers to random
+    # choices, polish again, keep what the engine finds faster (several layers must often change
+    # at once: memory one gives up pays for another's faster choice)
+    t1 = time.perf_counter()
+    rng = random.Random(0)
+    run, run_s, run_depth = list(best), best_s, score.depth
+    while deadline - time.perf_counter() > 0.2:
+        cand = list(run)
+        for i in rng.sample(range(len(cand)), min(len(cand), 3)):
+            cand[i] = rng.choice(choices)
+        left = deadline - time.perf_counter()
+        try:
+            res = plain_local_search(model, train, hw, score.plan(cand, run_depth),
+                                     min(left, max(1.0, 0.1 * time_limit_s)), tuple(grad_ranks), allowed=allowed)
+        except InputError:
+            continue
+        if res.sim.iteration_s < run_s * (1 - 1e-9):
+            run, run_s, run_depth = list(res.plan.layers), float(res.sim.iteration_s), res.plan.globals.prefetch_depth
+    if run_s < best_s:
+        kept_depth, score.depth = score.depth, run_depth
+        stage("restarts", t1, run)
+        if not stages[-1]["improved"]:
+            score.depth = kept_depth
     best_s, sim = score.eval(best)
-    if same and min(b.iteration_s for b in same) < best_s:
-        b = min(same, key=lambda b: b.iteration_s)
-        best, (best_s, sim) = list(b.plan.layers), (b.iteration_s, b.sim)
-        notes.append(f"no schedule beat baseline {b.name!r}; returning its decisions")
-        template = template.replace(globals=replace(b.plan.globals, max_compression_error=max_compression_error))
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
+    result = score.plan(best)
+    # never return something slower than a baseline the engine already verified (one whose depth or
+    # per-layer choices lie outside the searched space)
+    if same and min(b.iteration_s for b in same) < best_s:
+        b = min(same, key=lambda b: b.iteration_s)
+        result = b.plan.replace(globals=replace(b.plan.globals, max_compression_error=max_compression_error))
+        best_s, sim, best_from = b.iteration_s, b.sim, f"baseline {b.name}"
+        notes.append(f"no schedule beat baseline {b.name!r}; returning its decisions")
     wall = time.perf_counter() - t0
-    plan = template.with_layers(best).replace(provenance={
-        "policy": "planner", "solver": solver, "stages": stages, "lower_bound_s": lower.bound_s,
+    plan = result.replace(provenance={
+        "policy": "planner", "solver": solver, "stages": [_json_safe(s) for s in stages], "plan_from": best_from,
+        "lower_bound_s": lower.bound_s if lower.feasible else None,
         "lower_bound_binding": lower.binding, "engine_iteration_s": best_s, "engine_vs_solver": engine_vs_solver,
         "wall_s": wall, "engine_evaluations": len(score.cache),
         **({"grad_ranks": list(grad_ranks), "rank_error_estimates": {str(r): round(e, 4) for r, e in rank_errors.items()}}
            if rank_errors else {})})
     return PlanResult(plan=plan, sim=sim, lower=lower, baselines=base, solver=solver, stages=stages,
                       engine_vs_solver=engine_vs_solver, notes=notes, wall_s=wall, evaluations=len(score.cache),
-                      grad_ranks=tuple(grad_ranks))
+                      grad_ranks=tuple(grad_ranks), plan_from=best_from)
+
+
+def _solver_fields(st) -> dict:
+    return {"status": st.status, "objective_s": st.objective_s, "bound_s": st.bound_s}
 
 
 def smallest_budget(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> tuple[float, str] | None:

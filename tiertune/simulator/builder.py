@@ -28,15 +28,9 @@ from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import Plan
 from tiertune.simulator.costs import CostModel
-from tiertune.traces.trace import RESOURCES
+from tiertune.vocab import LINKS, CPU, D2H, GPU, H2D, RESOURCES, SSD_READ, SSD_WRITE, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
-GPU, H2D, D2H, CPU, SSD_READ, SSD_WRITE = range(len(RESOURCES))   # same order as trace.RESOURCES
-TIERS = ("gpu", "cpu", "ssd")
-# A CUDA context with cuBLAS/cuDNN handles and the caching allocator's slack: ~300-500 MiB in
-# nvidia-smi before the first tensor on current drivers; the profiles' default reserve
-# (HardwareProfile.gpu_reserve_bytes; a CPU standing in for the GPU has none).
-CUDA_CONTEXT_BYTES = 300 << 20
 
 
 @dataclass
@@ -181,10 +175,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
 
     g = TaskGraph(iterations=iterations)
     g.capacity = capacities(hw, plan)
-    if not hw.pcie_duplex:
-        g.pool[D2H] = H2D
-    if not hw.ssd_duplex:
-        g.pool[SSD_WRITE] = SSD_READ
+    for link, (a, b) in LINKS.items():          # a half-duplex link: both directions in one pool
+        if not getattr(hw, f"{link}_duplex"):
+            g.pool[RESOURCES.index(b)] = RESOURCES.index(a)
     g.pool_slots[CPU] = max(1, hw.cpu_workers)
     if hw.contention:
         g.contention = [[hw.contention.get(r, {}).get(s, 0.0) if s != r else 0.0 for s in RESOURCES]

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 
-from tiertune.simulator.builder import TIERS, TaskGraph
+from tiertune.simulator.builder import TaskGraph
+from tiertune.vocab import TIERS
 
 GiB = float(1 << 30)
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import Plan
 from tiertune.simulator import builder, engine
-from tiertune.simulator.builder import RESOURCES, TIERS, TaskGraph
+from tiertune.simulator.builder import TaskGraph
 from tiertune.simulator.costs import CostModel
+from tiertune.vocab import RESOURCES, TIERS
 from tiertune.workload import ModelSpec, TrainSpec, model_flops_per_step
 
 GiB = float(1 << 30)

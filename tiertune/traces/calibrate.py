@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from tiertune.errors import InputError
-from tiertune.hardware import GiB, Curve, HardwareProfile
+from tiertune.hardware import CUDA_CONTEXT_BYTES, GiB, Curve, HardwareProfile
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -535,7 +535,7 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         gpu_mem_bw_bps=m.membw_bps,
         gpu_flops=peaks,
         matmul_efficiency=matmul_eff,
-        gpu_reserve_bytes=(300 << 20) if device == "cuda" else 0,   # a CUDA context; none on a CPU
+        gpu_reserve_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,   # a CUDA context; none on a CPU
         gpu_task_overhead_s=m.task_overhead_s,
         update_overhead_s=m.update_overhead_s,
         h2d_bps=h2d_bps, d2h_bps=d2h_bps, pcie_duplex=duplex,

@@ -47,7 +47,8 @@ import pandas as pd
 from tiertune.errors import InputError
 from tiertune.hardware import GB, Curve, HardwareProfile
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
-from tiertune.traces.trace import DUPLEX_SHARE, RESOURCES, Trace, interval_union, overlap_share, own_durations
+from tiertune.vocab import LINKS, RESOURCES
+from tiertune.traces.trace import DUPLEX_SHARE, Trace, interval_union, overlap_share, own_durations
 
 MIN_EVENTS = 3
 COMPUTE_KINDS = ("forward", "backward", "recompute")
@@ -262,7 +263,8 @@ def _fit_duplex(evs: list[pd.DataFrame], hw: HardwareProfile) -> tuple[dict, lis
     the two again would count the sharing twice."""
     changes: dict = {}
     rows: list[FitRow] = []
-    for name, (a, b), attr in (("pcie", ("h2d", "d2h"), "pcie_duplex"), ("ssd", ("ssd_read", "ssd_write"), "ssd_duplex")):
+    for name, (a, b) in LINKS.items():
+        attr = f"{name}_duplex"
         both, lighter = map(sum, zip(*(overlap_share(e, a, b) for e in evs)))
         if not lighter:
             continue

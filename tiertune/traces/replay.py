@@ -28,9 +28,9 @@ from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile, load_hardware
 from tiertune.schedule import Plan
 from tiertune.simulator import builder
-from tiertune.simulator.builder import RESOURCES, TIERS
 from tiertune.simulator.run import SimResult, run_graph
 from tiertune.traces.trace import DUPLEX_SHARE, Trace, overlap_share, own_durations
+from tiertune.vocab import D2H, GPU, H2D, RESOURCES, SSD_READ, SSD_WRITE, TIERS
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
 FALLBACK_HARDWARE = "lsp-4090"
@@ -105,7 +105,7 @@ def _pools_as_recorded(g: builder.TaskGraph, trace: Trace) -> None:
     durations are the durations it took while overlapped, so serialising them again would count
     the contention twice (an executor's ssd_read and ssd_write threads on a CPU host)."""
     ev = trace.events
-    for a, b in ((builder.H2D, builder.D2H), (builder.SSD_READ, builder.SSD_WRITE)):
+    for a, b in ((H2D, D2H), (SSD_READ, SSD_WRITE)):
         if g.pool[b] != g.pool[a]:
             continue
         both, lighter = overlap_share(ev, RESOURCES[a], RESOURCES[b])
@@ -133,7 +133,7 @@ def _issue_lags(g: builder.TaskGraph, timed: list[tuple | None]) -> tuple[list[f
         if timed[u] is not None:
             for v in g.succ[u]:
                 ready[v] = max(ready[v], timed[u][2])
-    device = sorted((timed[t][2], t) for t in range(n) if timed[t] is not None and g.resource[t] == builder.GPU)
+    device = sorted((timed[t][2], t) for t in range(n) if timed[t] is not None and g.resource[t] == GPU)
     device_ends = [e for e, _ in device]
     lane_end: dict[int, float] = {}
     lag = [0.0] * n
@@ -142,7 +142,7 @@ def _issue_lags(g: builder.TaskGraph, timed: list[tuple | None]) -> tuple[list[f
         _, start, end = timed[t]
         r = g.resource[t]                 # the executor runs each resource in one thread
         at = max(ready[t], lane_end.get(r, -math.inf))
-        if r != builder.GPU:
+        if r != GPU:
             k = bisect.bisect_right(device_ends, start) - 1
             if k >= 0 and device_ends[k] > at:
                 at = device_ends[k]

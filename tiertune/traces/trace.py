@@ -18,10 +18,9 @@ import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write, atomic_write_text
+from tiertune.vocab import RESOURCES, TIERS
 
 FORMAT = "tiertune.trace/1"
-RESOURCES = ("gpu", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")
-TIERS = ("gpu", "cpu", "ssd")
 EVENT_COLUMNS = ["source", "iteration", "task", "kind", "layer", "resource", "start_s", "end_s", "bytes", "flops"]
 MEMORY_COLUMNS = ["time_s", "tier", "bytes"]
 _EVENT_DTYPES = {"source": "object", "iteration": "int64", "task": "object", "kind": "object", "layer": "int64",

@@ -15,7 +15,8 @@ from tiertune.hardware import HardwareProfile
 from tiertune.schedule import Plan
 from tiertune.simulator import simulate
 from tiertune.simulator.run import SimResult
-from tiertune.traces.trace import TIERS, Trace, own_durations
+from tiertune.traces.trace import Trace, own_durations
+from tiertune.vocab import TIERS
 from tiertune.errors import InputError
 from tiertune.workload import ModelSpec, TrainSpec, load_model
 
