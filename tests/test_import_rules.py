@@ -9,17 +9,18 @@ from pathlib import Path
 from tiertune.vocab import RESOURCES, TIERS
 
 ROOT = Path(__file__).resolve().parents[1] / "tiertune"
-OURS = ("vocab", "errors", "fileio", "workload", "hardware", "schedule", "simulator", "planner", "executor",
-        "traces", "analysis", "commands", "cli")
+OURS = ("vocab", "errors", "fileio", "limits", "workload", "hardware", "schedule", "simulator", "planner",
+        "executor", "traces", "analysis", "commands", "cli")
 
 # part -> parts it may not import ("simulator" covers tiertune/simulator/*; "traces.trace" one module)
 FORBIDDEN = {
     "vocab": set(OURS) - {"vocab"},
     "errors": set(OURS) - {"errors"},
-    "fileio": set(OURS) - {"fileio"},
-    "workload": set(OURS) - {"vocab", "errors", "fileio", "workload"},
-    "hardware": set(OURS) - {"vocab", "errors", "fileio", "hardware"},
-    "schedule": set(OURS) - {"vocab", "errors", "fileio", "workload", "schedule"},
+    "fileio": set(OURS) - {"errors", "fileio"},
+    "limits": set(OURS) - {"vocab", "errors", "limits"},
+    "workload": set(OURS) - {"vocab", "errors", "fileio", "limits", "workload"},
+    "hardware": set(OURS) - {"vocab", "errors", "fileio", "limits", "hardware"},
+    "schedule": set(OURS) - {"vocab", "errors", "fileio", "limits", "workload", "schedule"},
     "simulator": {"planner", "executor", "traces.replay", "traces.fit", "traces.calibrate", "traces.validate",
                   "analysis", "commands", "cli"},
     "planner": {"executor", "traces", "analysis", "commands", "cli"},

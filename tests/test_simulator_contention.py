@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from tiertune.hardware import load_hardware
 from tiertune.planner.policies import make_policy
 from tiertune.simulator import engine, simulate
-from tiertune.simulator.builder import CPU, GPU, H2D, TaskGraph
+from tiertune.simulator.builder import TaskGraph
+from tiertune.vocab import CPU, GPU, H2D
 from tiertune.workload import TrainSpec, load_model
 
 BIG = 1 << 60
