@@ -335,7 +335,10 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     remaining = min(deadline - time.perf_counter(), 0.25 * time_limit_s)
     if remaining > 1.0:
         t1 = time.perf_counter()
-        sol, st = cpsat.solve_intervals(cm, choices, best, hw.gpu_mem_bytes, remaining,
+        # The interval model over every choice for every layer takes longer to build than the whole
+        # time limit on 40+ layers: it reassigns the choices the incumbent uses (a neighbourhood).
+        near = sorted(set(best), key=str)
+        sol, st = cpsat.solve_intervals(cm, near, best, hw.gpu_mem_bytes, remaining,
                                         template.globals.lsp_nnz_per_row, fallback_seeds=tuple(layers for layers, _ in seeds[:1]))
         solver = st.to_dict()
         if sol is not None and st.objective_s:
