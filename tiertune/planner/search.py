@@ -28,8 +28,6 @@ from tiertune.planner import cpsat
 from tiertune.planner.bounds import LowerBound, lower_bound
 from tiertune.planner.compression import allowed_ranks, default_ranks
 from tiertune.planner.estimate import cost_model
-from tiertune.planner.local import DEPTHS
-from tiertune.planner.local import local_search as plain_local_search
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.workload import ModelSpec, TrainSpec
@@ -256,6 +254,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
 
     Every stage is recorded as {name, wall_s, iteration_s (engine), improved}; `plan_from` names the
     stage (or baseline) whose solution is returned. CP-SAT stages are named cpsat-*."""
+    from tiertune.planner.local import DEPTHS, local_search as plain_local_search   # late: it imports the engine
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
     cap_notes: list[str] = []
