@@ -126,7 +126,7 @@ def test_fuzz_simulate_runs_or_is_one_line(capsys, flag, value):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(flag=st.sampled_from(["--gpu-mem", "--batch", "--seq", "--lr", "--seed"]),
-       value=st.one_of(st.sampled_from(["1e9", "1000000000", "0.001", "1e-300", "9223372036854775807", "5e-324"]),
+       value=st.one_of(st.sampled_from(["1e9", "1000000000", "0.001", "1e-300", "9223372036854775807", "4294967295", "5e-324"]),
                        values))
 def test_fuzz_execute_runs_or_is_one_line(capsys, flag, value):
     code = main(["execute", "--model", "tiny-llama", "--policy", "gpu-only", "--steps", "1", "--batch", "1",
@@ -242,6 +242,20 @@ def test_impossible_traces_are_one_line_for_replay_and_calibrate(capsys, tmp_pat
     one_line_exit_2(capsys, "replay", path)
     one_line_exit_2(capsys, "calibrate", "--from-trace", path, "--profile", "lsp-4090", "-o", tmp_path / "p.toml")
     assert not (tmp_path / "p.toml").exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(value=values)
+def test_fuzz_replay_scale_runs_or_is_one_line(capsys, tmp_path_factory, sim_trace, value):
+    path = tmp_path_factory.getbasetemp() / "fuzz-scale.json"
+    if not path.exists():
+        path.write_text(json.dumps(sim_trace))
+    code = main(["replay", str(path), "--scale", f"gpu={value}", "--json"])
+    out, err = capsys.readouterr()
+    assert code in (0, 2) and len(err.strip().splitlines()) <= 1 and "Traceback" not in err
+    if code == 0:
+        assert json.loads(out)["iteration_s"] is not None           # a finite answer, never inf
 
 
 # --- models and plans ------------------------------------------------------------------------------

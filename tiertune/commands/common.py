@@ -10,7 +10,8 @@ from typing import Callable
 from tiertune.errors import InputError
 from tiertune.fileio import strict_json
 from tiertune.hardware import HardwareProfile, load_hardware
-from tiertune.limits import MAX_COUNT, MAX_GIB, MAX_ITERATIONS, MAX_LEARNING_RATE, MAX_SECONDS, MAX_SEED
+from tiertune.limits import (MAX_COUNT, MAX_GIB, MAX_ITERATIONS, MAX_LEARNING_RATE, MAX_SECONDS, MAX_SEED,
+                             MAX_THREADS)
 from tiertune.schedule import Plan
 from tiertune.workload import ModelSpec, TrainSpec, default_train, load_model
 
@@ -40,6 +41,7 @@ def number(kind: type, low: float | None = None, high: float | None = None, *,
 
 COUNT = number(int, 1, MAX_COUNT)                  # a positive count
 ITERATIONS = number(int, 1, MAX_ITERATIONS)
+THREADS = number(int, 1, MAX_THREADS)
 SEED = number(int, 0, MAX_SEED)
 GIB = number(float, 0, MAX_GIB, low_open=True)     # a positive memory size
 SECONDS = number(float, 0, MAX_SECONDS, low_open=True)

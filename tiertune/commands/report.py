@@ -34,7 +34,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise InputError(f"sweep output must be a .parquet file: {args.output}")
     check_output(args.output, "-o")
     spec = load_spec(args.spec)
-    bar = lambda it, total: tqdm(it, total=total, desc="sweep", unit="row", file=sys.stderr)
+    # a bar on a terminal only (disable=None): piped stderr keeps the one-line error contract
+    bar = lambda it, total: tqdm(it, total=total, desc="sweep", unit="row", file=sys.stderr, disable=None)
     df = sweep(spec, args.output, ray_address=args.ray, workers=args.workers, progress=bar)
     fits = int(df["fits"].sum())
     print(f"{len(df)} rows ({fits} fit) in {args.output}")

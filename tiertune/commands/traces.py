@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from tiertune.commands.common import COUNT, GIB, print_json
+from tiertune.commands.common import COUNT, GIB, THREADS, print_json
 from tiertune.errors import InputError
 from tiertune.fileio import check_output, check_output_dir
 
@@ -37,7 +37,7 @@ def register(sub) -> None:
     v.add_argument("--steps", type=COUNT, required=True, help="steps to execute (>= 2: the first is warm-up)")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     v.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
-    v.add_argument("--threads", type=COUNT, default=None,
+    v.add_argument("--threads", type=THREADS, default=None,
                    help="torch compute threads for calibration and run (default 1 on cpu: the main thread is the "
                         "GPU, the copy and optimizer threads get the other cores; torch's default on cuda)")
     v.add_argument("--trace-dir", default=None, help="write measured.json and predicted.json here")

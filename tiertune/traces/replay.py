@@ -26,6 +26,7 @@ import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile, load_hardware
+from tiertune.limits import SCALE_RANGE
 from tiertune.schedule import Plan
 from tiertune.simulator import builder
 from tiertune.simulator.run import SimResult, run_graph
@@ -66,8 +67,9 @@ def parse_scale(items: list[str] | None) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             raise InputError(f"--scale {name}: factor {value!r} is not a number") from None
-        if not 0 < factor < float("inf"):
-            raise InputError(f"--scale {name}: factor must be positive and finite, got {factor}")
+        low, high = SCALE_RANGE
+        if not low <= factor <= high:
+            raise InputError(f"--scale {name}: factor must be positive, between {low:g} and {high:g}; got {factor:g}")
         out[name] = factor
     return out
 
