@@ -54,23 +54,23 @@ def _interrupt_once(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:                        # --help (0) or a bad flag (2, one line printed)
-        return exc.code if isinstance(exc.code, int) else 0
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, _interrupt_once)
+        previous = signal.signal(signal.SIGINT, _interrupt_once)     # first: the imports below take seconds
     try:
-        return _run(args)
+        return _run(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(argv: list[str] | None) -> int:
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:                    # --help (0) or a bad flag (2, one line printed)
+            return exc.code if isinstance(exc.code, int) else 0
         return int(args.func(args) or 0)
     except InputError as exc:
         print(f"tiertune: error: {exc}", file=sys.stderr)
