@@ -1,6 +1,6 @@
 """Bad input is one line on stderr and exit 2, never a traceback or a silent wrong result: numeric
-flags (fuzzed), sweep spec fields (fuzzed), traces with impossible times or metadata, a model
-whose vocabulary cannot hold the text, a plan made for another model."""
+flags (fuzzed), sweep spec fields (fuzzed), traces with impossible times or metadata, token ids
+outside a model's vocabulary, a plan made for another model."""
 
 from __future__ import annotations
 
@@ -260,7 +260,10 @@ def test_fuzz_replay_scale_runs_or_is_one_line(capsys, tmp_path_factory, sim_tra
 
 # --- models and plans ------------------------------------------------------------------------------
 
-def test_a_vocabulary_smaller_than_the_texts_bytes_is_one_line(capsys, tmp_path):
+def test_token_ids_outside_the_vocabulary_are_one_line(capsys, tmp_path):
+    """A model directory's text goes through its tokenizer (none here: refused); token ids are
+    checked against its vocabulary."""
+    import numpy as np
     import torch
     import transformers  # the test extra installs it
 
@@ -272,7 +275,10 @@ def test_a_vocabulary_smaller_than_the_texts_bytes_is_one_line(capsys, tmp_path)
     text = tmp_path / "text.txt"
     text.write_text("Grüße aus Köln, façade, naïve — non-ASCII text for a byte-level model. " * 4)
     one_line_exit_2(capsys, "execute", "--model", tmp_path / "hf", "--policy", "gpu-only", "--steps", "1",
-                    "--seq", "16", "--data", text, match="vocab")
+                    "--seq", "16", "--data", text, match="has no tokenizer")
+    np.save(tmp_path / "ids.npy", np.frombuffer(text.read_bytes(), dtype=np.uint8))
+    one_line_exit_2(capsys, "execute", "--model", tmp_path / "hf", "--policy", "gpu-only", "--steps", "1",
+                    "--seq", "16", "--data", tmp_path / "ids.npy", match="outside the model's vocabulary of 128")
 
 
 def test_a_plan_for_another_model_is_refused_naming_both(capsys, tmp_path):

@@ -32,7 +32,15 @@ def register(sub) -> None:
     src.add_argument("--plan", help="plan JSON (tiertune.plan/1)")
     src.add_argument("--policy", help="a named policy (gpu-only, checkpoint, zero-offload, fuyou, megatrain, ...)")
     p.add_argument("--steps", type=COUNT, required=True, help="optimizer steps to run now")
-    p.add_argument("--data", default=None, help="training text file (default: the shipped demo text)")
+    p.add_argument("--data", default=None,
+                   help="token ids (.bin as nanoGPT writes them, .npy) or text (.txt, .jsonl with \"text\" or "
+                        "\"prompt\"/\"response\") tokenized with the model directory's tokenizer; built-in "
+                        "models read text as bytes (default: the shipped demo text)")
+    p.add_argument("--data-dtype", default=None, metavar="uint16|uint32",
+                   help="ids of a .bin file (default uint16, uint32 when the vocabulary needs it)")
+    p.add_argument("--data-layout", default="packed", metavar="packed|padded",
+                   help="packed: random windows of the documents joined by EOS; padded: one document "
+                        "per row, right-padded, masked (default packed)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--gpu-mem", type=GIB, default=None, metavar="GiB", help="device memory budget")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"profile a --policy plans for (default {DEFAULT_HARDWARE})")
@@ -121,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     res = train_plan(hf if hf is not None else spec, plan, args.steps, device=args.device, gpu_mem_bytes=budget,
                      offload_dir=args.offload_dir, data=args.data, lr=args.lr, seed=args.seed,
                      save_dir=args.save_dir, resume=resume_state if args.resume else None,
-                     save_every=args.save_every, keep=args.keep)
+                     save_every=args.save_every, keep=args.keep,
+                     data_dtype=args.data_dtype, data_layout=args.data_layout)
     trace = None
     if args.trace:
         res.trace.save(args.trace)

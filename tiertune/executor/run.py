@@ -63,7 +63,7 @@ def non_finite(state, path: str = "") -> str | None:
     return None
 
 
-def _check_resume(state: dict, spec: ModelSpec, plan: Plan, seed: int | None, text_sha: str, where) -> None:
+def _check_resume(state: dict, spec: ModelSpec, plan: Plan, seed: int | None, data_sha: str, where) -> None:
     """Refuse to resume `state` under settings that would make a different run, naming each one."""
     if not isinstance(state, dict) or state.get("model") != spec.name or "executor" not in state:
         raise InputError(f"checkpoint {where} is not a tiertune execute checkpoint of {spec.name!r}")
@@ -77,36 +77,39 @@ def _check_resume(state: dict, spec: ModelSpec, plan: Plan, seed: int | None, te
     if changed:
         raise InputError(f"resuming {where} with {', '.join(changed)} would change the run's data or state; "
                          f"resume with the checkpoint's settings")
-    if state.get("data_sha256") not in (None, text_sha):
-        raise InputError(f"resuming {where} on other training text than it was trained on (give the same --data)")
+    if state.get("data_sha256") not in (None, data_sha):
+        raise InputError(f"resuming {where} on other training data than it was trained on (give the same --data "
+                         f"and --data-layout)")
 
 
 def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *, device: str = "cpu",
                gpu_mem_bytes: int | None = None, offload_dir: str | Path | None = None, data: str | None = None,
                lr: float | None = None, seed: int | None = None, progress: bool = True,
                save_dir: str | Path | None = None, resume: "str | Path | dict | None" = None,
-               save_every: int | None = None, keep: int = 2) -> RunResult:
+               save_every: int | None = None, keep: int = 2, data_dtype: str | None = None,
+               data_layout: str = "packed") -> RunResult:
     """Run `steps` optimizer steps of `plan` on `device`.
 
     `spec_or_source`: a ModelSpec (the built-in model of that shape, initialised from `seed`,
-    default 0) or an HFSource (a local Hugging Face model's weights). `data`: a text file (default:
-    the shipped demo text). `lr`: default the resumed checkpoint's, else 1e-3. `resume`: a
+    default 0) or an HFSource (a local Hugging Face model's weights). `data`: token ids (.bin, of
+    `data_dtype`, or .npy), or a text (.txt, .jsonl) tokenized with the HF model's tokenizer or,
+    for a built-in model, read as bytes (default: the shipped demo text); batches laid out per
+    `data_layout` (executor/data.py). `lr`: default the resumed checkpoint's, else 1e-3. `resume`: a
     checkpoint (directory, or the state `load_checkpoint` read from one) written by an earlier
     `save_dir`; the run continues on the data an uninterrupted run would see, and is refused when
-    the seed, training settings or text differ. `save_dir`: checkpoints every `save_every` steps
+    the seed, training settings, data or layout differ. `save_dir`: checkpoints every `save_every` steps
     (the last `keep` kept) and at the end. A non-finite loss stops the run (InputError naming the
     step), and no checkpoint of non-finite weights or optimizer state is written.
     """
     if not isinstance(steps, int) or steps <= 0:
         raise InputError(f"--steps must be a positive integer, got {steps!r}")
-    import hashlib
     import math
     import shutil
     import tempfile
 
     import torch
 
-    from tiertune.executor.data import VOCAB_SIZE, batches, load_text
+    from tiertune.executor.data import check_layout, open_data
     from tiertune.executor.models import build_model
     from tiertune.executor.runtime import Executor
     from tiertune.executor.updates import OptimConfig
@@ -116,17 +119,16 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
     train = plan.train
     if train.seq_len > spec.max_seq_len:
         raise InputError(f"--seq {train.seq_len} exceeds {spec.name}'s context ({spec.max_seq_len})")
-    text = load_text(data)
-    if spec.vocab_size < VOCAB_SIZE and text and max(text) >= spec.vocab_size:
-        raise InputError(f"{spec.name}'s vocabulary has {spec.vocab_size} tokens but the text holds byte "
-                         f"{max(text)} (tokens are bytes): give ASCII text or a model with vocab_size >= {VOCAB_SIZE}")
-    text_sha = hashlib.sha256(text).hexdigest()
+    check_layout(data_layout)
+    dataset = open_data(data, spec.vocab_size, model_dir=hf.dir if hf is not None else None, dtype=data_dtype,
+                        progress=progress)
+    data_sha = dataset.fingerprint(data_layout)
     state = None
     resumed_from = None
     if resume is not None:
         from tiertune.executor.checkpoint import load_checkpoint
         state = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        _check_resume(state, spec, plan, seed, text_sha, resume if not isinstance(resume, dict) else "checkpoint")
+        _check_resume(state, spec, plan, seed, data_sha, resume if not isinstance(resume, dict) else "checkpoint")
         seed = int(state.get("seed", 0))
         resumed_from = None if isinstance(resume, dict) else Path(resume)
     seed = 0 if seed is None else seed
@@ -146,7 +148,7 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
                       optim=OptimConfig(name=train.optimizer, lr=lr))
         if state is not None:
             ex.load_state_dict(state["executor"])
-        stream = batches(text, train.batch * train.grad_accum, train.seq_len, seed)
+        stream = dataset.batches(train.batch * train.grad_accum, train.seq_len, seed, data_layout)
         for _ in range(ex.step_no):                 # the batches the resumed run already saw
             next(stream)
         from tqdm import tqdm
@@ -159,7 +161,7 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
             if bad:
                 raise InputError(f"step {ex.step_no}: non-finite values in the model or optimizer state "
                                  f"(executor{bad}); stopped without saving it, earlier checkpoints in {save_dir} kept")
-            save_rotating(save_dir, {"model": spec.name, "seed": seed, "lr": lr, "data_sha256": text_sha,
+            save_rotating(save_dir, {"model": spec.name, "seed": seed, "lr": lr, "data_sha256": data_sha,
                                      "plan": plan.to_dict(), "executor": executor_state},
                           ex.step_no, keep, continues=continues)
             continues = True
@@ -173,7 +175,7 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
         for _ in bar:
             t = time.perf_counter()
             try:
-                tk, tg = next(stream)
+                tk, tg, _ = next(stream)           # right padding: causal layers need no mask
                 t = time.perf_counter()
                 losses.append(ex.step(tk, tg))
             except (MemoryError, RuntimeError) as exc:

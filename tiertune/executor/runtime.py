@@ -58,6 +58,7 @@ import torch.nn as nn
 
 from tiertune.errors import InputError
 from tiertune.executor.compress import LayerCompression
+from tiertune.executor.data import loss_weights
 from tiertune.executor.device import (GiB, BudgetExceeded, Engine, HostPool, Meter, Recorder, done, nbytes,
                                       wait)
 from tiertune.executor.updates import OptimConfig, state_shapes
@@ -522,7 +523,8 @@ class Executor:
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step; tokens/targets [grad_accum * batch, seq] are split into micro-batches.
-        Returns the mean loss over the micro-batches."""
+        Targets equal to IGNORE (-100) carry no loss (padding, prompts). Returns the mean loss
+        over the step's loss-carrying targets, the gradient being that mean's."""
         # The compute thread issues hundreds of small ops per layer, each needing the GIL back from
         # the copy / SSD / optimizer threads; at Python's default 5 ms switch interval it queued
         # behind their Python work (a ZeRO-Offload forward ran 2.4x slower beside CPU Adam than in
@@ -539,10 +541,13 @@ class Executor:
         if tokens.shape[0] % accum:
             raise InputError(f"batch of {tokens.shape[0]} sequences does not split into {accum} micro-batches")
         self.it = self.step_no
-        loss_sum = 0.0
+        parts = list(zip(tokens.chunk(accum), targets.chunk(accum)))
+        weights = loss_weights([tg for _, tg in parts])
+        loss = 0.0
         try:
-            for mb, (tk, tg) in enumerate(zip(tokens.chunk(accum), targets.chunk(accum))):
-                loss_sum += self._micro_batch(tk.to(self.dev), tg.to(self.dev), mb, accum)
+            for mb, ((tk, tg), w) in enumerate(zip(parts, weights)):
+                mb_loss = self._micro_batch(tk.to(self.dev), tg.to(self.dev), mb, accum, w)
+                loss += w * mb_loss if w else 0.0
         except torch.OutOfMemoryError as exc:
             # the allocator is capped at the budget: what our accounting does not see (kernel
             # workspaces, fragmentation) ends here, as a budget error rather than a traceback
@@ -551,11 +556,10 @@ class Executor:
         self._after_updates()
         self.step_no += 1
         self.rec.flush()
-        loss = loss_sum / accum
         self.losses.append(loss)
         return loss
 
-    def _micro_batch(self, tokens, targets, mb: int, accum: int) -> float:
+    def _micro_batch(self, tokens, targets, mb: int, accum: int, weight: float) -> float:
         n = len(self.layers)
         self.ctx = {}
         x = tokens
@@ -589,7 +593,7 @@ class Executor:
             x = out
         loss = float(out.detach())
         # ---- backward ----
-        grad = torch.tensor(1.0 / accum, device=self.dev)
+        grad = torch.tensor(weight, device=self.dev)
         last_mb = mb == accum - 1
         for i in reversed(range(n)):
             L = self.layers[i]
