@@ -78,8 +78,8 @@ def _check_resume(state: dict, spec: ModelSpec, plan: Plan, seed: int | None, da
         raise InputError(f"resuming {where} with {', '.join(changed)} would change the run's data or state; "
                          f"resume with the checkpoint's settings")
     if state.get("data_sha256") not in (None, data_sha):
-        raise InputError(f"resuming {where} on other training data than it was trained on (give the same --data "
-                         f"and --data-layout)")
+        raise InputError(f"resuming {where} on other training data (text or token ids) than it was trained on "
+                         f"(give the same --data and --data-layout)")
 
 
 def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *, device: str = "cpu",
