@@ -10,6 +10,9 @@ real (tiertune.executor.run.train_plan; the CPU stands in for the GPU) and simul
           round of runs, evaluated on the second round (other runs of the same plans); and, as
           a harder check, fit on the other model's first-round runs only
 
+and, hardest, fit on the other five plans of the same model only (leave one plan out: the
+profile has never seen the plan it predicts),
+
 and reports per run the measured and predicted iteration time, MAPE, and Kendall's tau of the
 ranking of plans by time. It also replays each measured trace with no change
 (tiertune.traces.replay): the engine, given the measured durations, must reproduce the measured
@@ -184,10 +187,17 @@ def main() -> int:
     after = evaluate(test_set, lambda m: fit_runs.profile)
     cross = {m.name: fit_profiles([r["trace"] for r in fit_set if r["model"] != m.name], hw).profile for m in MODELS}
     other = evaluate(test_set, lambda m: cross[m])
+    # Leave one plan out: for each (model, plan), fit on round 0 of that model's other plans and
+    # predict this plan's evaluation runs, so the profile has never seen the plan it predicts.
+    held = []
+    for (mname, label), runs_of in itertools.groupby(test_set, key=lambda r: (r["model"], r["plan"])):
+        fit = fit_profiles([r["trace"] for r in fit_set if r["model"] == mname and r["plan"] != label], hw).profile
+        held.append(evaluate(list(runs_of), lambda m, fit=fit: fit))
+    loo = pd.concat(held, ignore_index=True)
     table = before[["model", "plan", "measured_s"]].assign(
         predicted_before_s=before["predicted_s"], error_before=before["error"],
         predicted_after_s=after["predicted_s"], error_after=after["error"],
-        error_other_model_fit=other["error"])
+        error_other_model_fit=other["error"], predicted_loo_s=loo["predicted_s"], error_loo=loo["error"])
     replays = []
     for r in test_set:
         rep = replay(r["trace"], hardware=hw)
@@ -200,7 +210,8 @@ def main() -> int:
           f"{args.steps} steps per run, {args.rounds} rounds (fit on round 0, evaluated on the rest)\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for name, col in (("before (calibrate --quick)", "predicted_before_s"),
-                      ("after (fit on round 0, all runs)", "predicted_after_s")):
+                      ("after (fit on round 0, all runs)", "predicted_after_s"),
+                      ("leave one plan out (fit on the other 5)", "predicted_loo_s")):
         s = summary(table.rename(columns={col: "predicted_s"}))
         taus = ", ".join(f"{m} {t:.2f}" for m, t in s["tau"].items())
         print(f"{name:<42} MAPE {s['mape']:5.1f}%   Kendall tau {taus}; all runs {s['tau_all']:.2f}")

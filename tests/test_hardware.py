@@ -63,6 +63,6 @@ def test_curve_rejects_descending_sizes():
 
 def test_malformed_profile_names_the_field(tmp_path):
     p = tmp_path / "bad.toml"
-    p.write_text(load_hardware("lsp-4090").to_toml().replace("h2d_gbps = 25", "h2d_gbps = -25"))
+    p.write_text(load_hardware("lsp-4090").to_toml().replace("h2d_gbps = ", "h2d_gbps = -", 1))
     with pytest.raises(InputError, match="h2d_gbps"):
         load_hardware(str(p))

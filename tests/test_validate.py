@@ -64,7 +64,7 @@ def test_the_simulator_moves_the_bytes_the_executor_moves(tmp_path, policy):
     m, t, hw = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=32), load_hardware("fuyou-4090-1ssd")
     plan = make_policy(policy, m, t, hw)
     measured = train_plan(m, plan, 2, offload_dir=tmp_path, progress=False).trace
-    simulated = simulate(m, t, hw, plan, iterations=2).trace
+    simulated = simulate(m, plan.train, hw, plan, iterations=2).trace
 
     def moved(trace):
         ev = trace.events[(trace.events.iteration == 1) & (trace.events.bytes > 0)]

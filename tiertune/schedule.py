@@ -78,6 +78,9 @@ class PlanGlobals:
     lsp_refit_threshold: float = 0.2 # alpha: refit when relative reconstruction error exceeds it
     lsp_fit_samples: int = 128       # gradients sampled for a (re)fit
     max_compression_error: float | None = None   # a cap the planner honours when choosing grad_rank
+    # DeepSpeed's activation_checkpointing.cpu_checkpointing: recomputed layers keep their input
+    # checkpoint in host memory (copied out after forward, back before the recompute)
+    cpu_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for f in ("prefetch_depth", "iterations", "lsp_nnz_per_row", "lsp_check_every", "lsp_fit_samples"):
@@ -88,6 +91,8 @@ class PlanGlobals:
             raise InputError(f"global.gpu_mem_bytes must be a positive integer or null, got {self.gpu_mem_bytes!r}")
         if not isinstance(self.lsp_refit_threshold, (int, float)) or self.lsp_refit_threshold <= 0:
             raise InputError(f"global.lsp_refit_threshold must be positive, got {self.lsp_refit_threshold!r}")
+        if not isinstance(self.cpu_checkpointing, bool):
+            raise InputError(f"global.cpu_checkpointing must be true or false, got {self.cpu_checkpointing!r}")
         cap = self.max_compression_error
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap <= 1):
             raise InputError(f"global.max_compression_error must be in (0, 1] or null, got {cap!r}")

@@ -15,6 +15,9 @@ from tiertune.errors import InputError
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "sgd", "adalomo")
+# Tokens per chunk of a chunked cross-entropy (TrainSpec.chunked_loss): the logits of this many
+# tokens are alive at once. Our choice, not a measurement: only this transient depends on it.
+LOSS_CHUNK_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,16 @@ class TrainSpec:
     grad_accum: int = 1
     flash_attention: bool = True   # memory-efficient attention: no s^2 score matrix is kept
     grad_clip: float | None = None
+    # False: the optimizer updates the weights in the training dtype with no fp32 master copy
+    # (LOMO/AdaLomo update in place inside the backward hook; pure bf16/fp16 training).
+    master_weights: bool = True
+    # True: the head computes the loss over chunks of tokens (fused / chunked cross-entropy,
+    # as Liger-Kernel and Unsloth do), so the full logits and their log-softmax are never held.
+    chunked_loss: bool = False
+    # True: gradients reach a host optimizer as fp32 (DeepSpeed's ZeRO-Offload/-Infinity cast
+    # each gradient to fp32 on the device, copy it into fp32 partitions in host memory and keep
+    # them until the step: 4 bytes per parameter over PCIe and in host memory, not 2).
+    fp32_host_grads: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -112,8 +125,9 @@ class TrainSpec:
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
                                  or not 0 < clip < float("inf")):
             raise InputError(f"train.grad_clip must be a positive number or null, got {clip!r}")
-        if not isinstance(self.flash_attention, bool):
-            raise InputError(f"train.flash_attention must be true or false, got {self.flash_attention!r}")
+        for f in ("flash_attention", "master_weights", "chunked_loss", "fp32_host_grads"):
+            if not isinstance(getattr(self, f), bool):
+                raise InputError(f"train.{f} must be true or false, got {getattr(self, f)!r}")
 
     @property
     def tokens(self) -> int:
@@ -123,6 +137,17 @@ class TrainSpec:
     @property
     def elem_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per parameter of the optimizer's fp32 master copy: none when the weights are fp32
+        already or when training keeps no master (`master_weights` false)."""
+        return 4 if (self.dtype != "fp32" and self.master_weights) else 0
+
+    @property
+    def host_grad_bytes(self) -> int:
+        """Bytes per parameter of a full gradient on its way to (and waiting in) a host optimizer."""
+        return 4 if self.fp32_host_grads else self.elem_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,13 +187,14 @@ class LayerCost:
         return self.fwd_flops
 
 
-def optimizer_bytes_per_param(train: TrainSpec, matrices_params: int = 0, factored: int = 0) -> int:
+def optimizer_bytes_per_param(train: TrainSpec) -> int:
     """Bytes of optimizer state per parameter, mixed-precision convention (ZeRO paper, Sec. 3.1):
-    AdamW keeps fp32 master + m + v = 12 bytes (8 if the weights are fp32 already), SGD only the
-    fp32 master (0 in fp32), AdaLomo the master plus a factored second moment (added by the caller).
+    AdamW keeps fp32 master + m + v = 12 bytes (8 if the weights are fp32 already or keep no
+    master), SGD only the fp32 master, AdaLomo the master plus a factored second moment (added by
+    the caller). LOMO (OpenLMLab/LOMO) keeps no master: SGD 0 bytes, so llama2-7b's 13.5 GB of
+    bf16 weights fit its 24 GB RTX 3090.
     """
-    master = 0 if train.dtype == "fp32" else 4
-    return {"adamw": master + 8, "sgd": master, "adalomo": master}[train.optimizer]
+    return {"adamw": train.master_bytes + 8, "sgd": train.master_bytes, "adalomo": train.master_bytes}[train.optimizer]
 
 
 def _block_activation_bytes(m: ModelSpec, t: TrainSpec) -> int:
@@ -223,8 +249,10 @@ def layer_costs(m: ModelSpec, t: TrainSpec) -> list[LayerCost]:
     for i in range(m.n_layers):
         out.append(cost(i + 1, f"block{i}", "block", m.block_params(), act, e * s * b * h, block_fwd, mats))
     head_mats = ((m.vocab_size, m.hidden),)
-    # final-norm input + head input (e each) + logits in e and their fp32 log-softmax for the loss
-    head_act = 2 * e * s * b * h + (e + 4) * s * b * m.vocab_size
+    # final-norm input + head input (e each) + logits in e and their fp32 log-softmax for the loss;
+    # a chunked loss keeps one chunk's logits and an fp32 log-sum-exp per token instead.
+    logit_tokens = min(LOSS_CHUNK_TOKENS, s * b) if t.chunked_loss else s * b
+    head_act = 2 * e * s * b * h + (e + 4) * logit_tokens * m.vocab_size + (4 * s * b if t.chunked_loss else 0)
     out.append(cost(m.n_layers + 1, "head", "head", m.head_params(), head_act, e * s * b * h,
                     2.0 * tokens * m.vocab_size * m.hidden, head_mats))
     return out

@@ -112,7 +112,8 @@ def _largest(hw: HardwareProfile, train: dict, policies: tuple[str, ...]) -> dic
         t = TS(**{**train, "seq_len": min(train["seq_len"], m.max_seq_len)})
         for p in policies:
             try:
-                if simulate(m, t, hw, make_policy(p, m, t, hw), iterations=2).fits:
+                plan = make_policy(p, m, t, hw)
+                if simulate(m, plan.train, hw, plan, iterations=2).fits:
                     best[p] = max(best[p], m.total_params() / 1e9)
             except InputError:
                 pass

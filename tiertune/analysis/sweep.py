@@ -139,7 +139,7 @@ def evaluate(model, train, hw, policy: str, planner_time_limit_s: float = 5.0, i
             plan = plan_schedule(model, train, hw, time_limit_s=planner_time_limit_s).plan
         else:
             plan = make_policy(policy, model, train, hw)
-        res = simulate(model, train, hw, plan, iterations=iterations)
+        res = simulate(model, plan.train, hw, plan, iterations=iterations)
     except InputError as exc:
         return {"fits": False, "iteration_s": float("nan"), "tokens_per_s": 0.0, "tflops": 0.0,
                 "peak_gpu": 0, "peak_cpu": 0, "peak_ssd": 0, "bottleneck": "", "error": str(exc)}

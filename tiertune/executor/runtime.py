@@ -199,6 +199,14 @@ class Executor:
         if plan.train.grad_clip is not None and any(lp.update != "after" for lp in plan.layers):
             raise InputError("train.grad_clip with overlap/fused updates needs a second backward pass, which the "
                              "executor does not run yet; use update 'after' or no clipping")
+        unsupported = [name for name, on in (
+            ("global.cpu_checkpointing", plan.globals.cpu_checkpointing),
+            ("train.chunked_loss", plan.train.chunked_loss),
+            ("train.master_weights false with a 16-bit dtype", not plan.train.master_weights and plan.train.dtype != "fp32"),
+        ) if on]
+        if unsupported:
+            # The cost model can judge these settings; the executor does not run them yet.
+            raise InputError(f"the executor does not run {', '.join(unsupported)} yet (simulate-only settings)")
         if device not in ("cpu", "cuda"):
             raise InputError(f"--device must be cpu or cuda, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -658,14 +666,19 @@ class Executor:
         if L.ghost is None:
             L.ghost = self.pool.get((L.numel,), torch.float32)
         ghost, first = L.ghost, mb == 0
+        # DeepSpeed's accounting (train.fp32_host_grads): each gradient is cast to fp32 on the
+        # device and crosses PCIe as fp32, into the fp32 host accumulator
+        fp32_link = self.train.fp32_host_grads
+        sent = 4 * sum(g.numel() for g in grads) if fp32_link else gbytes
 
         def copy_out():
             for k, g in enumerate(grads):
                 v = L.view(ghost, k)
-                v.copy_(g, non_blocking=True) if first else v.add_(g.to(ghost.device, torch.float32))
+                src = g.float() if fp32_link else g
+                v.copy_(src, non_blocking=True) if first else v.add_(src.to(ghost.device, torch.float32))
             return None
         self.meter.promise("gpu", gbytes)
-        f = self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, gbytes, "grad", mb=mb,
+        f = self.eng["d2h"].submit(copy_out, "grad", L.i, self.it, sent, "grad", mb=mb,
                                    then=lambda: self.meter.free("gpu", gbytes, promised=True))
         L.grad_futs.append(f)
         if last_mb and lp.update == "overlap":

@@ -44,7 +44,7 @@ def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
     return cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights)
 
 
-def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> LayerWork:
+def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4, cpu_checkpointing: bool = False) -> LayerWork:
     """Per-resource work of layer i under decisions lp (the same task list the engine builds)."""
     lc = cm.layers[i]
     fwd: dict = {}
@@ -59,6 +59,9 @@ def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> La
             _add(d, "h2d", cm.h2d_s(lc.weight_bytes))
             if lp.params == "ssd":
                 _add(d, "ssd_read", cm.ssd_read_s(lc.weight_bytes))
+    if lp.activations == "recompute" and cpu_checkpointing:
+        _add(fwd, "d2h", cm.d2h_s(lc.act_checkpoint_bytes))
+        _add(bwd, "h2d", cm.h2d_s(lc.act_checkpoint_bytes))
     if lp.activations in ("cpu", "ssd"):
         _add(fwd, "d2h", cm.d2h_s(lc.act_bytes))
         _add(bwd, "h2d", cm.h2d_s(lc.act_bytes))
@@ -73,7 +76,7 @@ def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4) -> La
         if lp.grad_rank is not None:
             _add(bwd, "gpu", cm.compress_s(i, lp.grad_rank, nnz_per_row))
             _add(upd, "gpu", cm.decompress_s(i, lp.grad_rank, nnz_per_row))
-        _add(bwd, "d2h", cm.d2h_s(n_opt * e))
+        _add(bwd, "d2h", cm.d2h_s(cm.host_grad_bytes(i, lp.grad_rank)))
         _add(upd, "cpu", cm.cpu_update_s(n_opt))
         if lp.optimizer == "ssd":
             ob = optimizer_state_bytes(cm, i, lp)
@@ -90,7 +93,7 @@ def busy_s(cm: CostModel, plan: Plan) -> dict[str, float]:
     """Total seconds each resource is busy in one iteration (half-duplex links folded together)."""
     tot = dict.fromkeys(RESOURCES, 0.0)
     for i, lp in enumerate(plan.layers):
-        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row)
+        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row, plan.globals.cpu_checkpointing)
         for d in (w.fwd, w.bwd, w.post):
             for k, v in d.items():
                 tot[k] += v
@@ -114,7 +117,7 @@ def quick_iteration_s(cm: CostModel, plan: Plan) -> float:
     phases = {"fwd": 0.0, "bwd": 0.0, "post": 0.0}
     post_tot: dict = {}
     for i, lp in enumerate(plan.layers):
-        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row)
+        w = layer_work(cm, i, lp, plan.globals.lsp_nnz_per_row, plan.globals.cpu_checkpointing)
         phases["fwd"] += max(fold_duplex({**dict.fromkeys(RESOURCES, 0.0), **w.fwd}, hw).values())
         phases["bwd"] += max(fold_duplex({**dict.fromkeys(RESOURCES, 0.0), **w.bwd}, hw).values())
         for k, v in w.post.items():
@@ -141,11 +144,11 @@ def footprint(cm: CostModel, plan: Plan) -> dict[str, int]:
         if lp.optimizer == "gpu" and lp.update == "after":
             tier["gpu"] += lc.grad_bytes           # every gradient is alive until the step
         if lp.optimizer != "gpu" and lp.update == "after":
-            tier["cpu"] += lc.grad_bytes           # gradients collected on the host for the step
+            tier["cpu"] += cm.host_grad_bytes(i, lp.grad_rank)   # gradients collected on the host for the step
         if lp.activations == "keep":
             act_gpu += lc.act_bytes
         elif lp.activations == "recompute":
-            act_gpu += lc.act_checkpoint_bytes
+            tier["cpu" if plan.globals.cpu_checkpointing else "gpu"] += lc.act_checkpoint_bytes
         else:
             tier[lp.activations] += lc.act_bytes
             swap_a = max(swap_a, lc.act_bytes)

@@ -73,11 +73,14 @@ def lomo(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     ANCHORS.md). A user who asked for AdamW gets AdaLomo, the closest to Adam that LOMO offers; we
     record the substitution in provenance (`optimizer_from`) rather than silently training with SGD.
     Fused updates cannot accumulate gradients, and clipping needs a second backward (LOMO#4, #34):
-    Plan validation and `Plan.needs_second_backward` handle both.
+    Plan validation and `Plan.needs_second_backward` handle both. No fp32 master copy (the hook
+    updates the 16-bit weights in place), so llama2-7b fits LOMO's 24 GB RTX 3090.
     """
     prov_from = None
     if train.optimizer == "adamw":
         prov_from, train = "adamw", train.replace(optimizer="adalomo")
+    # LOMO and AdaLomo update the weights in place in their training dtype: no fp32 master.
+    train = train.replace(master_weights=False)
     plan = _uniform(model, train, hw, LayerPlan(update="fused", activations="recompute"), "lomo")
     if prov_from:
         plan = plan.replace(provenance={**plan.provenance, "optimizer_from": prov_from})
@@ -93,10 +96,20 @@ def _keep_or_recompute(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, 
     return _uniform(model, train, hw, layer.replace(activations="recompute"), name, **globals_)
 
 
+# DeepSpeed's memory estimators (deepspeed.runtime.zero.stage_1_and_2 / stage3
+# estimate_zero*_model_states_mem_needs) multiply host model-state memory by
+# additional_buffer_factor = 1.5 for its pinned buffers; the ZeRO policies keep that margin when
+# they decide whether host memory holds the state.
+DEEPSPEED_HOST_BUFFER_FACTOR = 1.5
+
+
 @policy("zero-offload")
 def zero_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     """DeepSpeed ZeRO-Offload: fp16 weights on the GPU, gradients and Adam states on the CPU, CPU Adam
-    after the whole backward, updated weights copied back (ANCHORS.md; no delayed update)."""
+    after the whole backward, updated weights copied back (ANCHORS.md; no delayed update).
+    DeepSpeed's accounting: each gradient is cast to fp32 on the device and copied into fp32
+    partitions kept in host memory until the step (16 bytes per parameter on the host with Adam)."""
+    train = train.replace(fp32_host_grads=True)
     return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="after"),
                               "zero-offload")
 
@@ -106,14 +119,18 @@ def zero_infinity(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Pl
     """DeepSpeed ZeRO-Infinity (stage 3 + offload_param/offload_optimizer): weights and optimizer in host
     memory, or on NVMe when host memory does not suffice (optimizer first, then weights, as users set
     `offload_optimizer.device: nvme` before `offload_param.device: nvme`); one layer prefetched;
-    update after backward; activation checkpointing with `cpu_checkpointing` (we recompute; the small
-    layer-input checkpoint stays on the GPU in our vocabulary)."""
+    update after backward; activation checkpointing with `cpu_checkpointing` (the layer-input
+    checkpoints wait in host memory), the best configuration Fuyou compares against. Host state
+    follows DeepSpeed's accounting: fp32 gradient partitions, and the estimators' 1.5x buffer margin
+    when deciding whether host memory holds it."""
+    train = train.replace(fp32_host_grads=True)
     cm = cost_model(model, train, hw)
     for params, optim in (("cpu", "cpu"), ("cpu", "ssd"), ("ssd", "ssd")):
         plan = _uniform(model, train, hw, LayerPlan(params=params, optimizer=optim, update="after",
-                                                    activations="recompute"), "zero-infinity", prefetch_depth=1)
+                                                    activations="recompute"), "zero-infinity", prefetch_depth=1,
+                        cpu_checkpointing=True)
         need = footprint(cm, plan)
-        if need["cpu"] <= hw.cpu_mem_bytes and need["ssd"] <= hw.ssd_capacity_total_bytes:
+        if need["cpu"] * DEEPSPEED_HOST_BUFFER_FACTOR <= hw.cpu_mem_bytes and need["ssd"] <= hw.ssd_capacity_total_bytes:
             return plan
     raise PolicyInfeasible(f"zero-infinity: host memory ({hw.cpu_mem_bytes / 2**30:.0f} GiB) plus SSD "
                            f"({hw.ssd_capacity_total_bytes / 2**30:.0f} GiB) cannot hold the state "
@@ -129,22 +146,31 @@ def fuyou(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     offload_optimizer both `nvme`), CPU Adam run layer by layer during backward (update='overlap').
 
     Activations: ranked by FLOPs per byte (recomputing those costs the most per byte saved), swapped in
-    that order while the estimated swap time stays under swap_ratio x forward time; swapped
-    activations fill host memory first and overflow to the SSD; the rest are recomputed.
+    that order while the estimated swap time stays under swap_ratio x forward time and the device
+    has room to bring them back; swapped activations fill host memory first and overflow to the
+    SSD; the rest are recomputed, their checkpoints in host memory when the device cannot hold them.
     """
     cm = cost_model(model, train, hw)
     base = LayerPlan(params="ssd", optimizer="ssd", update="overlap", activations="recompute")
     n = model.n_layers + 2
     plan = _uniform(model, train, hw, base, "fuyou")
+    if overflow(cm, plan) is not None:
+        # The released code keeps every recomputed block's checkpoint in host memory (save_on_cpu);
+        # we do so when the device cannot hold them (the executor does not run that setting yet).
+        plan = _uniform(model, train, hw, base, "fuyou", cpu_checkpointing=True)
     fwd_total = sum(cm.forward_s(i) for i in range(n))
-    cpu_free = hw.cpu_mem_bytes - footprint(cm, plan)["cpu"]
+    need = footprint(cm, plan)
+    cpu_free = hw.cpu_mem_bytes - need["cpu"]
+    # GPU-aware: a swapped layer's activations are on the device up to depth + 2 times at once (in
+    # use, prefetched, being offloaded); a layer whose activations do not fit that is recomputed.
+    gpu_room = (capacity(hw, plan, "gpu") - need["gpu"]) // (plan.globals.prefetch_depth + 2)
     order = sorted(range(n), key=lambda i: (-cm.layers[i].fwd_flops / max(cm.layers[i].act_bytes, 1), -i))
     layers = [base] * n
     swap_s = 0.0
     for i in order:
         lc = cm.layers[i]
         t = cm.d2h_s(lc.act_bytes)
-        if lc.fwd_flops <= 0 or swap_s + t > FUYOU_SWAP_RATIO * fwd_total:
+        if lc.fwd_flops <= 0 or swap_s + t > FUYOU_SWAP_RATIO * fwd_total or lc.act_bytes > gpu_room:
             continue
         swap_s += t
         if lc.act_bytes <= cpu_free:
@@ -169,11 +195,18 @@ def lsp_rank(model: ModelSpec) -> tuple[int, int]:
 
 
 @policy("lsp-offload")
-def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, d: int | None = None,
+                r: int | None = None) -> Plan:
     """LSP-Offload (arXiv 2406.10181, gulang2019/LSP-Offload): ZeRO-Offload's placement (weights on GPU,
     CPU Adam), but each gradient crosses PCIe as the d x d projection P^T G Q and the d x d delta comes
-    back; layer-wise schedule, deep layers update on the CPU while shallow ones are still in backward."""
-    d, r = lsp_rank(model)
+    back; layer-wise schedule, deep layers update on the CPU while shallow ones are still in backward.
+    d (projection size) and r (non-zeros per projector row) are chosen per run, as the paper's
+    scripts do; unset, `lsp_rank` picks them."""
+    d0, r0 = lsp_rank(model)
+    d, r = d or d0, r or r0
+    for name, v in (("d", d), ("r", r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InputError(f"lsp-offload: {name} must be a positive integer, got {v!r}")
     return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="overlap",
                                                           grad_rank=d),
                               "lsp-offload", lsp_nnz_per_row=r)
@@ -188,9 +221,15 @@ def megatrain(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
                                                 activations="recompute"), "megatrain", prefetch_depth=1)
 
 
-def make_policy(name: str, model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+def make_policy(name: str, model: ModelSpec, train: TrainSpec, hw: HardwareProfile, **options) -> Plan:
+    """The named policy's plan; `options` are that policy's own settings (lsp-offload: d, r)."""
     try:
         fn = POLICIES[name]
     except KeyError:
         raise InputError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
-    return fn(model, train, hw)
+    try:
+        return fn(model, train, hw, **options)
+    except TypeError as exc:
+        if options and "unexpected keyword" in str(exc):
+            raise InputError(f"policy {name!r} takes no option(s) {sorted(options)}") from None
+        raise

@@ -192,7 +192,10 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                    for i, lp in enumerate(lp_)]
     # LSP keeps Adam moments in the projected space and no fp32 master (CostModel.optim_state_bytes).
     opt_bytes = [cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights) for i, lp in enumerate(lp_)]
-    sent_bytes = [p * e for p in sent_params]
+    sent_bytes = [cm.host_grad_bytes(i, lp.grad_rank) for i, lp in enumerate(lp_)]
+    # DeepSpeed's cpu_checkpointing: a recomputed layer's input checkpoint waits in host memory
+    # between its forward and its recompute, instead of on the device.
+    host_ckpt = plan.globals.cpu_checkpointing
 
     res = g.resident
     res[0] += hw.gpu_reserve_bytes
@@ -330,6 +333,11 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                     g.release(f, 0, wb[i])
                 if lp.activations == "recompute":
                     g.release(f, 0, act[i] - ckpt[i])
+                    if host_ckpt:
+                        o = g.add("offload", "ckpt", i, it, mb, D2H, cost(cm.d2h_s, ckpt[i]), ckpt[i], cpu=ckpt[i])
+                        g.edge(f, o)
+                        g.release(o, 0, ckpt[i])
+                        homes[i] = (o, None)
                 elif lp.activations in ("cpu", "ssd"):
                     o = g.add("offload", "act", i, it, mb, D2H, cost(cm.d2h_s, act[i]), act[i], cpu=act[i])
                     g.edge(f, o)
@@ -373,9 +381,18 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         if last or lp.activations == "ssd":
                             g.release(prep, 1, act[i])
                     elif lp.activations == "recompute":
+                        fetched = None
+                        if host_ckpt:
+                            fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, cost(cm.h2d_s, ckpt[i]), ckpt[i],
+                                            gpu=ckpt[i])
+                            g.edge(homes[i][0], fetched)
+                            g.edge(window(), fetched)
+                            if last:
+                                g.release(fetched, 1, ckpt[i])
                         prep = g.add("recompute", tag, i, it, mb, GPU, cost(cm.recompute_s, i), flops=c.fwd_flops,
                                      gpu=act[i] - ckpt[i])
                         g.edge(h, prep)
+                        g.edge(fetched, prep)
                         g.edge(prev_end, prep)
                     dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
                     b = g.add("backward", tag, i, it, mb, GPU, cost(cm.backward_s, i), flops=c.bwd_flops,
@@ -387,7 +404,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                     if lp.activations == "keep":
                         freed += act[i] if last else 0
                     elif lp.activations == "recompute":
-                        freed += act[i] - ckpt[i] + (ckpt[i] if last else 0)
+                        freed += act[i] - ckpt[i] + (ckpt[i] if last or host_ckpt else 0)
                     else:
                         freed += act[i]
                     if not last:

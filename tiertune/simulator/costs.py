@@ -74,9 +74,17 @@ class CostModel:
         """Device memory bytes one optimizer step over `layer` reads and writes."""
         lc = self.layers[layer]
         touched = 4 * UPDATE_PASSES.get(self.train.optimizer, UPDATE_PASSES["adamw"]) * lc.params
-        if self.train.elem_bytes != 4:
+        if self.train.master_bytes:
             touched += lc.grad_bytes + lc.weight_bytes
         return touched
+
+    def host_grad_bytes(self, layer: int, rank: int | None) -> int:
+        """Bytes of layer's gradient that cross PCIe to a host optimizer and wait there for it: the
+        d x d projections at grad_rank d (compute dtype), else the full gradient (fp32 under
+        DeepSpeed's accounting, TrainSpec.fp32_host_grads)."""
+        if rank:
+            return self.compressed_params(layer, rank) * self.train.elem_bytes
+        return self.layers[layer].params * self.train.host_grad_bytes
 
     # --- copies ------------------------------------------------------------------------------
     def h2d_s(self, nbytes: float, pinned: bool = True) -> float:
@@ -139,7 +147,7 @@ class CostModel:
         if rank is None:
             own_master = self.train.dtype == "fp32" and not beside_weights
             return lc.optim_bytes + (4 * lc.params if own_master else 0)
-        master = 0 if self.train.dtype == "fp32" else 4 * lc.params
+        master = self.train.master_bytes * lc.params
         return (lc.optim_bytes - master) * self.compressed_params(layer, rank) // max(lc.params, 1)
 
     def compress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:

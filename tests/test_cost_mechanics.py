@@ -1,0 +1,117 @@
+"""Mechanics the seeds' systems rely on, each checked against a hand computation: LOMO's missing fp32
+master, a chunked cross-entropy, DeepSpeed's fp32 host gradients and CPU activation checkpoints,
+and LSP-Offload's (d, r) chosen per run."""
+
+import pytest
+
+from tiertune.errors import InputError
+from tiertune.hardware import load_hardware
+from tiertune.planner.estimate import footprint
+from tiertune.planner.policies import DEEPSPEED_HOST_BUFFER_FACTOR, PolicyInfeasible, make_policy
+from tiertune.schedule import LayerPlan, PlanGlobals, uniform_plan
+from tiertune.simulator import simulate
+from tiertune.simulator.costs import CostModel
+from tiertune.workload import LOSS_CHUNK_TOKENS, TrainSpec, layer_costs, load_model
+
+GiB = 1 << 30
+
+
+def test_training_without_master_weights_keeps_no_fp32_copy():
+    m = load_model("llama2-7b")
+    sgd = TrainSpec(optimizer="sgd", master_weights=False)
+    assert all(c.optim_bytes == 0 for c in layer_costs(m, sgd))
+    adam = TrainSpec(optimizer="adamw", master_weights=False)
+    assert all(c.optim_bytes == 8 * c.params for c in layer_costs(m, adam))       # m and v only
+    with_master = TrainSpec(optimizer="adamw")
+    assert all(c.optim_bytes == 12 * c.params for c in layer_costs(m, with_master))
+
+
+def test_lomo_trains_llama2_7b_on_a_24gb_3090():
+    # LOMO's README: LLaMA-7B full-parameter fine-tuning on one RTX 3090. bf16 weights 13.5 GB,
+    # AdaLomo's factored moment a few MB, no master: fits; with a 4 B/param master it could not.
+    m, hw = load_model("llama2-7b"), load_hardware("lomo-3090")
+    train = TrainSpec(batch=1, seq_len=512, optimizer="sgd")
+    plan = make_policy("lomo", m, train, hw)
+    assert plan.train.master_weights is False
+    assert simulate(m, plan.train, hw, plan).fits
+    with_master = plan.replace(train=plan.train.replace(master_weights=True))
+    assert not simulate(m, with_master.train, hw, with_master).fits
+
+
+def test_a_chunked_loss_keeps_one_chunk_of_logits():
+    m = load_model("gpt3-13b")
+    t = TrainSpec(batch=64, seq_len=1024, dtype="fp16")
+    s, b, h, v, e = 1024, 64, m.hidden, m.vocab_size, 2
+    full = layer_costs(m, t)[-1].act_bytes
+    chunked = layer_costs(m, t.replace(chunked_loss=True))[-1].act_bytes
+    assert full == 2 * e * s * b * h + (e + 4) * s * b * v                     # 26.0 GB of logits alone
+    assert chunked == 2 * e * s * b * h + (e + 4) * LOSS_CHUNK_TOKENS * v + 4 * s * b
+    assert chunked < 2 * GiB < full
+
+
+def test_deepspeed_offload_keeps_fp32_gradients_on_the_host():
+    # DeepSpeed ZeRO-Offload: fp32 master + m + v (12) and fp32 gradient partitions (4) = 16 B/param
+    # on the host; each gradient crosses PCIe as fp32.
+    m, hw = load_model("gpt3-1.3b"), load_hardware("lsp-4090")
+    train = TrainSpec(batch=1, seq_len=1024)
+    plan = make_policy("zero-offload", m, train, hw)
+    cm = CostModel(m, plan.train, hw)
+    assert footprint(cm, plan)["cpu"] == 16 * m.total_params()
+    ev = simulate(m, plan.train, hw, plan, iterations=1).trace.events
+    grads = ev[ev.kind == "grad"]
+    assert grads.bytes.sum() == 4 * m.total_params()
+
+
+def test_zero_infinity_cannot_hold_175b_fp32_gradients_in_768gb():
+    # DeepSpeed's host accounting for GPT-3 175B: 4 B/param of fp32 gradients alone is 698 GB; with
+    # its 1.5x pinned-buffer margin no placement fits Fuyou's 768 GB server (Fuyou: ZeRO-Infinity
+    # fails to fine-tune 175B on the RTX 4090 box).
+    m, hw = load_model("gpt3-175b"), load_hardware("fuyou-4090-12ssd")
+    assert 4 * m.total_params() * DEEPSPEED_HOST_BUFFER_FACTOR > hw.cpu_mem_bytes
+    with pytest.raises(PolicyInfeasible):
+        make_policy("zero-infinity", m, TrainSpec(batch=8, seq_len=1024, chunked_loss=True), hw)
+
+
+def test_cpu_checkpointing_moves_each_layer_input_through_host_memory():
+    m, hw = load_model("gpt3-1.3b"), load_hardware("a100-80g")
+    train = TrainSpec(batch=2, seq_len=1024)
+    layer = LayerPlan(activations="recompute")
+    on_gpu = uniform_plan(m.name, hw.name, train, m.n_layers + 2, layer, PlanGlobals(iterations=1))
+    on_host = on_gpu.replace(globals=PlanGlobals(iterations=1, cpu_checkpointing=True))
+    ckpt = [min(c.act_checkpoint_bytes, c.act_bytes) for c in layer_costs(m, train)]
+    r_gpu, r_host = simulate(m, train, hw, on_gpu), simulate(m, train, hw, on_host)
+    ev = r_host.trace.events
+    assert ev[ev.task.str.startswith("offload.ckpt:")].bytes.sum() == sum(ckpt)
+    assert ev[ev.task.str.startswith("fetch.ckpt:")].bytes.sum() == sum(ckpt)
+    # every checkpoint but the one being recomputed has left the device at the backward's start
+    assert r_gpu.peak_bytes["gpu"] - r_host.peak_bytes["gpu"] >= sum(ckpt) - 2 * max(ckpt)
+    cm = CostModel(m, train, hw)
+    assert footprint(cm, on_host)["cpu"] - footprint(cm, on_gpu)["cpu"] == sum(c.act_checkpoint_bytes for c in cm.layers)
+
+
+def test_lsp_projection_size_and_sparsity_are_chosen_per_run():
+    m, hw = load_model("llama2-7b"), load_hardware("lsp-4090")
+    train = TrainSpec(batch=4, seq_len=1024)
+    plan = make_policy("lsp-offload", m, train, hw, d=512, r=16)
+    assert {lp.grad_rank for lp in plan.layers} == {512} and plan.globals.lsp_nnz_per_row == 16
+    default = make_policy("lsp-offload", m, train, hw)
+    assert {lp.grad_rank for lp in default.layers} == {2048} and default.globals.lsp_nnz_per_row == 8
+    with pytest.raises(InputError, match="takes no option"):
+        make_policy("fuyou", m, train, hw, d=512)
+    with pytest.raises(InputError, match="d must be a positive integer"):
+        make_policy("lsp-offload", m, train, hw, d=-1)
+
+
+@pytest.mark.parametrize("change", [
+    dict(globals=PlanGlobals(cpu_checkpointing=True)),
+    dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", chunked_loss=True)),
+    dict(train=TrainSpec(batch=1, seq_len=16, dtype="bf16", master_weights=False)),
+])
+def test_settings_the_executor_does_not_run_are_refused_before_it_starts(change):
+    from tiertune.executor.run import train_plan
+
+    m = load_model("tiny-llama")
+    plan = uniform_plan(m.name, "local-cpu", TrainSpec(batch=1, seq_len=16, dtype="fp32"), m.n_layers + 2,
+                        LayerPlan()).replace(**change)
+    with pytest.raises(InputError, match="simulate-only"):
+        train_plan(m, plan, steps=1, progress=False)
