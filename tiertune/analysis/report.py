@@ -5,19 +5,24 @@ recorded trace when one is given (replay what-ifs, predicted vs measured).
 
 from __future__ import annotations
 
-import html
 import math
+import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
 from tiertune.analysis import plots
+from tiertune.analysis.html import write_page
 from tiertune.fileio import atomic_write_text
 from tiertune.hardware import GiB, HardwareProfile
 from tiertune.workload import MODEL_PRESETS, ModelSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from tiertune.traces.validate import Validation
 
 SIZE_LADDER = ("gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "llama2-7b", "gpt3-13b", "llama2-13b", "llama2-70b", "gpt3-175b")
 BUDGET_POLICIES = ("ideal", "zero-offload", "zero-infinity", "fuyou", "lsp-offload", "megatrain", "lomo")
@@ -28,28 +33,98 @@ class Section:
     title: str
     text: str = ""
     table: pd.DataFrame | None = None
-    figures: list[Path] = field(default_factory=list)     # PNGs (an SVG sits beside each)
+    figures: list[Path] = field(default_factory=list)     # PNGs where they were saved (an SVG sits beside each)
 
 
-def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else format(v, floatfmt)
-        return str(v).replace("|", "\\|")
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
+def significant(v: float, digits: int = 3) -> str:
+    """`v` to `digits` significant digits, without an exponent or trailing zeros (8.58, 206, 0.00242)."""
+    if not math.isfinite(v):
+        return ""
+    if v == 0:
+        return "0"
+    decimals = max(digits - 1 - math.floor(math.log10(abs(v))), 0)
+    text = f"{v:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _percent(v: float) -> str:
+    return f"{v:.0%}" if math.isfinite(v) else ""
+
+
+def _signed_percent(v: float) -> str:
+    return f"{v:+.1%}" if math.isfinite(v) else ""
+
+
+def _times(v: float) -> str:
+    return f"{v:.2f}×" if math.isfinite(v) else ""
+
+
+def _yes_no(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else ("yes" if v else "no")
+
+
+def _why(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else textwrap.shorten(str(v), 140)
+
+
+# How each column a report shows reads: its heading (with the unit) and how a value is written.
+COLUMNS: dict[str, tuple[str, Callable]] = {
+    "fits": ("fits", _yes_no),
+    "lossless": ("lossless", _yes_no),
+    "iteration_s": ("iteration (s)", significant),
+    "tokens_per_s": ("tokens/s", significant),
+    "tflops": ("model TFLOP/s", significant),
+    "peak_gpu_gib": ("peak GPU (GiB)", significant),
+    "peak_cpu_gib": ("peak host (GiB)", significant),
+    "peak_ssd_gib": ("peak SSD (GiB)", significant),
+    "ratio_to_ideal": ("time vs ideal", _times),
+    "ratio_to_lower_bound": ("time vs lower bound", _times),
+    "why_not_fit": ("why it does not fit", _why),
+    "busy_s": ("busy per iteration (s)", significant),
+    "share_of_iteration": ("share of the iteration", _percent),
+    "measured_s": ("measured (s)", significant),
+    "predicted_s": ("predicted (s)", significant),
+    "error": ("prediction error", _signed_percent),
+    "speed": ("speed", lambda v: f"{v:g}×"),
+    "change": ("iteration time change", _signed_percent),
+    "why_unfinished": ("why the replay did not finish", _why),
+    "gpu_mem_gib": ("GPU memory (GiB)", significant),
+    "cpu_mem_gib": ("host memory (GiB)", significant),
+    "ssd_count": ("SSDs", str),
+}
+
+
+def _plain(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return _yes_no(v)
+    if isinstance(v, float):
+        return significant(v)
+    return str(v)
+
+
+def readable(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as a person reads it: headings with units, numbers to sensible precision, and
+    no column that would be empty in every row."""
+    shown = {}
+    for col in df.columns:
+        heading, fmt = COLUMNS.get(col, (str(col), _plain))
+        cells = [fmt(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else ""
+                 for v in df[col].tolist()]
+        if any(cells):
+            shown[heading] = cells
+    return pd.DataFrame(shown)
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A Markdown pipe table of `readable(df)` (cells may hold Markdown links)."""
+    df = readable(df)
+    cell = lambda v: str(v).replace("|", "\\|")
+    head = "| " + " | ".join(map(cell, df.columns)) + " |"
     rule = "|" + "---|" * len(df.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
-
-
-def html_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else format(v, floatfmt)
-        return html.escape(str(v))
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _save(fig, out: Path, name: str) -> Path:
@@ -64,15 +139,19 @@ def comparison(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: Pat
 
     df, planned = compare_all(model, train, hw, time_limit_s)
     shown = df[["policy", "fits", "iteration_s", "tokens_per_s", "tflops", "peak_gpu_gib", "peak_cpu_gib",
-                "peak_ssd_gib", "bottleneck", "ratio_to_ideal", "ratio_to_lower_bound", "why_not_fit"]].copy()
-    shown["why_not_fit"] = shown["why_not_fit"].fillna("").astype(str).str.slice(0, 90)
+                "peak_ssd_gib", "bottleneck", "ratio_to_ideal", "ratio_to_lower_bound", "lossless", "why_not_fit"]]
     fig = plots.compare_bars(df)
     lb = df.attrs.get("lower_bound_s")
+    ssds = f"{hw.ssd_count} SSD{'s' if hw.ssd_count != 1 else ''}"
     text = (f"{model.name} ({model.total_params() / 1e9:.1f} B parameters) on {hw.name} ({hw.gpu_name}, "
-            f"{hw.gpu_mem_bytes / GiB:.0f} GiB GPU, {hw.cpu_mem_bytes / GiB:.0f} GiB host, {hw.ssd_count} SSD); "
-            f"batch {train.batch} x {train.seq_len} tokens, {train.dtype}, {train.optimizer}.")
+            f"{hw.gpu_mem_bytes / GiB:.0f} GiB GPU, {hw.cpu_mem_bytes / GiB:.0f} GiB host memory, {ssds}); "
+            f"batch {train.batch} of {train.seq_len} tokens, {train.dtype}, {train.optimizer}. "
+            "Every number is simulated: one steady-state iteration of each named policy and of the planner's "
+            "schedule; `ideal` is everything on a GPU with unlimited memory, the reference the others are "
+            "timed against.")
     if lb:
-        text += f" Lower bound on the iteration time: {lb:.4g} s ({df.attrs.get('lower_bound_binding', '')})."
+        text += (f" No schedule can take less than {significant(lb)} s per iteration on this machine "
+                 f"(lower bound, set by the {df.attrs.get('lower_bound_binding', '')}).")
     return Section("Policies compared", text, shown, [_save(fig, out, "compare")]), planned
 
 
@@ -82,8 +161,9 @@ def schedule(sim, label: str, out: Path) -> Section:
     busy = pd.DataFrame({"resource": list(sim.busy_s), "busy_s": list(sim.busy_s.values())})
     busy["share_of_iteration"] = busy["busy_s"] / sim.iteration_s
     return Section(f"Where the time goes: {label}",
-                   f"One steady-state iteration ({sim.iteration_s:.4g} s) of the {label} schedule; "
-                   f"the bottleneck is `{sim.bottleneck}`.", busy, figs)
+                   f"One simulated steady-state iteration ({significant(sim.iteration_s)} s) of the {label} "
+                   f"schedule: what each resource does when, and what each memory tier holds. The bottleneck "
+                   f"is the {sim.bottleneck}.", busy, figs)
 
 
 def budgets(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: Path, time_limit_s: float) -> Section:
@@ -96,8 +176,9 @@ def budgets(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: Path, 
     df = pd.DataFrame(rows)
     fig = plots.throughput_vs_budget(df)
     table = df.pivot_table(index="gpu_mem_gib", columns="policy", values="tflops", aggfunc="first").reset_index()
-    return Section("Throughput vs GPU memory budget", "Achieved model TFLOP/s (0 = does not fit).",
-                   table, [_save(fig, out, "throughput_vs_budget")])
+    return Section("Throughput vs GPU memory budget",
+                   f"Simulated model TFLOP/s of each policy when {hw.name}'s GPU memory is limited to each "
+                   "budget (0: the policy does not fit in it).", table, [_save(fig, out, "throughput_vs_budget")])
 
 
 def _largest(hw: HardwareProfile, train: dict, policies: tuple[str, ...]) -> dict[str, float]:
@@ -136,8 +217,10 @@ def max_model(hw: HardwareProfile, train: TrainSpec, out: Path) -> Section:
     figs = [_save(plots.max_model_vs_memory(by_mem, x="cpu_mem_gib"), out, "max_model_vs_cpu_mem"),
             _save(plots.max_model_vs_memory(by_ssd, x="ssd_count"), out, "max_model_vs_ssds")]
     table = by_mem.pivot_table(index="cpu_mem_gib", columns="policy", values="max_params_b").reset_index()
-    return Section("Largest model that fits", f"Over the preset ladder {', '.join(SIZE_LADDER)}, on {hw.name} with "
-                   "its host memory (and SSD count) varied.", table, figs)
+    return Section("Largest model that fits",
+                   f"Billions of parameters of the largest preset model ({', '.join(SIZE_LADDER)}) each policy "
+                   f"fits on {hw.name} (0: none), simulated as its host memory (table, first figure) and its "
+                   "number of SSDs (second figure) vary.", table, figs)
 
 
 def whatif_section(trace, out: Path, label: str, name: str = "whatif") -> Section:
@@ -145,22 +228,27 @@ def whatif_section(trace, out: Path, label: str, name: str = "whatif") -> Sectio
 
     df = whatif(trace)
     ok = df[df["iteration_s"].map(math.isfinite)]
-    text = "Replaying the trace with one resource at half and at double speed."
-    stuck = df[~df.index.isin(ok.index)]
-    if len(stuck):
-        text += " Did not finish (the engine reports why): " + "; ".join(
-            f"{r.resource} x{r.factor:g}: {r.error}" for r in stuck.itertuples())
+    base_s = float(df["iteration_s"].iloc[0])
+    text = ("The trace replayed with one resource at half and at double speed: how much each resource's "
+            f"speed moves the iteration time (unchanged replay: {significant(base_s)} s).")
     figs = [_save(plots.whatif_bars(ok), out, name)] if len(ok) else []
-    return Section(f"What if: {label}", text, df, figs)
+    table = pd.DataFrame({"resource": ["none (unchanged)", *df["resource"].iloc[1:]], "speed": df["factor"],
+                          "iteration_s": df["iteration_s"], "change": df["iteration_s"] / base_s - 1,
+                          "why_unfinished": df["error"]})
+    return Section(f"What if: {label}", text, table, figs)
 
 
-def validation_section(measured, hw: HardwareProfile, out: Path) -> Section:
+def validation_section(measured, hw: HardwareProfile, out: Path,
+                       profile_text: str | None = None) -> tuple[Section, Validation | None]:
+    """The measured run against the simulator's prediction of it with profile `hw` (described in
+    the text as `profile_text`); also returns the comparison (None when the simulator could not run it)."""
     from tiertune.traces.validate import compare, predict
 
+    profile_text = profile_text or f"profile `{hw.name}`"
     pred = predict(measured, hw)
     if not pred.fits:
-        return Section("Simulator vs measurement", f"The simulator could not run the measured plan with profile "
-                       f"`{hw.name}`: {pred.error}")
+        return Section("Simulator vs measurement", f"The simulator could not run the measured plan with "
+                       f"{profile_text}: {pred.error}"), None
     v = compare(measured, pred.trace)
     kinds = v.per_kind.groupby("kind")[["measured_s", "predicted_s"]].sum().reset_index()
     pvm = kinds.rename(columns={"kind": "label"})
@@ -170,39 +258,34 @@ def validation_section(measured, hw: HardwareProfile, out: Path) -> Section:
     figs = [_save(plots.predicted_vs_measured(pvm), out, "predicted_vs_measured"),
             _save(plots.timeline(pred.trace, measured=measured), out, "timeline_predicted_vs_measured")]
     return Section("Simulator vs measurement",
-                   f"Measured {v.measured_s:.4g} s per iteration, predicted {v.predicted_s:.4g} s "
-                   f"({v.iteration_error:+.1%}) with profile `{hw.name}`.", v.per_kind, figs)
+                   f"Measured: {significant(v.measured_s)} s per iteration. Predicted by the simulator with "
+                   f"{profile_text}: {significant(v.predicted_s)} s ({v.iteration_error:+.1%}). The figures and "
+                   "the table set the two side by side, per kind of task (seconds per iteration).",
+                   v.per_kind, figs), v
 
 
 # --- the document --------------------------------------------------------------------------------
 
-def write_index(out: Path, title: str, sections: list[Section]) -> tuple[Path, Path]:
+def write_index(out: Path, title: str, sections: list[Section], single_file: bool = False) -> tuple[Path, Path]:
+    """index.md (figures and links relative to `out`) and the index.html rendered from it."""
     md = [f"# {title}", ""]
-    body = [f"<h1>{html.escape(title)}</h1>"]
     for s in sections:
         md += [f"## {s.title}", "", s.text, ""]
-        body += [f"<h2>{html.escape(s.title)}</h2>", f"<p>{html.escape(s.text)}</p>"]
         for f in s.figures:
-            md += [f"![{s.title}]({f.name})", ""]
-            body.append(f'<p><img src="{html.escape(f.name)}" alt="{html.escape(s.title)}"></p>')
+            png = Path(os.path.relpath(f, out)).as_posix()
+            md += [f"[![{s.title}]({png})]({png[:-len('.png')]}.svg)", ""]
         if s.table is not None and len(s.table):
             md += [md_table(s.table), ""]
-            body.append(html_table(s.table))
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;} img{max-width:100%;}"
-             "table{border-collapse:collapse;font-size:0.85em;margin:1em 0;} td,th{border:1px solid #ccc;padding:2px 6px;}"
-             "th{background:#f0f0f0;}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    atomic_write_text(out / "index.md", "\n".join(md) + "\n")
-    atomic_write_text(out / "index.html", page)
-    return out / "index.md", out / "index.html"
+    atomic_write_text(out / "index.md", "\n".join(md))
+    return out / "index.md", write_page(out / "index.md", single_file)
 
 
 def build_report(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: str | Path,
                  time_limit_s: float = 10.0, trace=None, measured_profile: HardwareProfile | None = None,
-                 extra: list[Section] | None = None,
+                 extra: list[Section] | None = None, single_file: bool = False,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
-    """All sections for one (model, hardware); returns the index.md path."""
+    """All sections for one (model, hardware); returns the index.md path (index.html beside it,
+    self-contained with `single_file`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
@@ -221,7 +304,7 @@ def build_report(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, out: s
         log("[report] replay and validation of the given trace")
         sections.append(whatif_section(trace, out, "the given trace", "whatif_trace"))
         if trace.source == "measured" and measured_profile is not None:
-            sections.append(validation_section(trace, measured_profile, out))
+            sections.append(validation_section(trace, measured_profile, out)[0])
     sections += extra or []
-    md, _ = write_index(out, f"tiertune report: {model.name} on {hw.name}", sections)
+    md, _ = write_index(out, f"tiertune report: {model.name} on {hw.name}", sections, single_file)
     return md

@@ -51,6 +51,7 @@ def register_report(sub) -> None:
     p.add_argument("--profile", default=None, help="hardware profile to predict a measured trace with (default: calibrate --quick)")
     p.add_argument("--time-limit", type=SECONDS, default=10.0, help="planner seconds per planning run")
     p.add_argument("-o", "--output", required=True, help="report directory")
+    p.add_argument("--single-file", action="store_true", help="embed the figures in index.html so it can be shared alone")
     p.set_defaults(func=run_report)
 
 
@@ -68,7 +69,7 @@ def run_report(args: argparse.Namespace) -> int:
     if trace is not None and trace.source == "measured":
         profile = load_hardware(args.profile) if args.profile else _quick_profile(args.output)
     md = build_report(model, train, hw, args.output, time_limit_s=args.time_limit, trace=trace,
-                      measured_profile=profile)
+                      measured_profile=profile, single_file=args.single_file)
     print(f"report written: {md} (and {md.with_suffix('.html').name})")
     return 0
 
@@ -85,6 +86,7 @@ def register_demo(sub) -> None:
     p.add_argument("-o", "--output", default="tiertune-demo", help="report directory (default: tiertune-demo)")
     p.add_argument("--time-limit", type=SECONDS, default=10.0, help="planner seconds per planning run")
     p.add_argument("--steps", type=COUNT, default=8, help="steps of the executed small model")
+    p.add_argument("--single-file", action="store_true", help="embed the figures in each index.html")
     p.set_defaults(func=run_demo)
 
 
@@ -93,6 +95,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from tiertune.fileio import check_output_dir
     check_output_dir(args.output, "-o")
 
-    html = demo(args.output, time_limit_s=args.time_limit, steps=args.steps)
+    html = demo(args.output, time_limit_s=args.time_limit, steps=args.steps, single_file=args.single_file)
     print(f"report: {html}")
     return 0
