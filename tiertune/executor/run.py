@@ -169,6 +169,14 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
         losses: list[float] = []
         times: list[float] = []
         tokens = train.batch * train.grad_accum * train.seq_len
+        # One micro-batch's fp32 logits alone must fit host memory: a larger request is not an
+        # allocation error but, under the kernel's overcommit, the process killed by the OOM killer.
+        logits_bytes = train.batch * train.seq_len * spec.vocab_size * 4
+        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if logits_bytes > host_bytes:
+            raise InputError(f"batch {train.batch} x seq {train.seq_len}: one micro-batch's logits need "
+                             f"{logits_bytes / 2**30:,.1f} GiB, more than this machine's "
+                             f"{host_bytes / 2**30:,.1f} GiB of memory")
         bar = tqdm(range(steps), desc=f"execute {spec.name}", unit="step", file=sys.stderr,
                    disable=None if progress else True, leave=progress)
         saved_at = None
