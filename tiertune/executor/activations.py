@@ -1,0 +1,193 @@
+"""Tensors a layer saves for backward: kept on the device, or offloaded to host memory (and on to
+the SSD) in forward and fetched back ahead of backward.
+
+`Activations.hooks` packs every tensor autograd saves inside a layer's forward:
+  - a view of the weights the layer computes with (its own, or a tied matrix it borrows) is
+    saved by reference (`ParamRef`) and rebuilt from the weights current at backward, since
+    streamed weights are fetched again rather than kept;
+  - under `keep` (and for anything not on the device) the tensor itself is kept and its device
+    bytes accounted once per storage;
+  - under `cpu` / `ssd` it becomes a `Slot`, deduplicated, that `offload` copies to a host buffer
+    on the d2h engine (and on to the SSD) and `fetch` brings back on the h2d engine.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from tiertune.executor.device import done, nbytes, wait
+from tiertune.executor.layer import LayerState
+from tiertune.executor.tiers import Machine
+
+
+@dataclass
+class ParamRef:
+    """A saved tensor that is (a view of) layer `layer`'s weights: rebuilt from its current weights."""
+    layer: int
+    size: tuple
+    stride: tuple
+    offset: int
+
+
+@dataclass
+class Slot:
+    """A saved activation offloaded to the host (and the SSD); `dev` is its copy fetched back."""
+    t: torch.Tensor | None
+    host: torch.Tensor | None = None
+    dev: torch.Tensor | None = None
+
+
+@dataclass
+class Saved:
+    """What one layer keeps from forward to backward, for one micro-batch."""
+    mode: str                                # the plan's `activations`: keep, cpu, ssd, recompute
+    out: torch.Tensor | None = None          # the graph root (or None when recomputed)
+    inp: torch.Tensor | None = None          # the layer input when recomputed
+    rng: tuple | None = None                 # RNG states before a recomputed forward (same dropout masks)
+    targets: torch.Tensor | None = None
+    box: list = field(default_factory=list)  # receives the gradient of the layer's input
+    kept: dict = field(default_factory=dict)            # storage ptr -> bytes of kept saved tensors
+    slots: list = field(default_factory=list)
+    dedupe: dict = field(default_factory=dict)
+    dev_bytes: int = 0                       # device bytes of fetched-back activations
+    bytes: int = 0                           # bytes offloaded
+    metas: list = field(default_factory=list)   # (shape, dtype, stride) of each offloaded tensor
+    offload: Future | None = None
+    written: Future | None = None
+    fetch: Future | None = None
+
+
+class Activations:
+    """Saved tensors of the micro-batch in flight, by (layer, micro-batch)."""
+
+    def __init__(self, m: Machine, layers: list[LayerState]):
+        self.m = m
+        self.layers = layers
+        self.saved: dict[tuple[int, int], Saved] = {}
+
+    def hooks(self, L: LayerState, saved: Saved, mode: str):
+        """saved_tensors_hooks for running layer L's forward under `mode`."""
+        m = self.m
+        used = [L] + ([self.layers[L.borrows]] if L.borrows is not None else [])
+        by_storage = {U.flat().untyped_storage().data_ptr(): U.i for U in used if U.numel}
+
+        def pack(t: torch.Tensor):
+            if t.device == m.dev and t.numel():
+                owner = by_storage.get(t.untyped_storage().data_ptr())
+                if owner is not None:
+                    return ParamRef(owner, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+            if mode == "keep" or t.device != m.dev or t.numel() == 0:
+                ptr = t.untyped_storage().data_ptr()
+                if t.device == m.dev and ptr not in saved.kept:
+                    n = t.untyped_storage().nbytes()
+                    m.meter.alloc("gpu", n, f"activations of {L.name}")
+                    saved.kept[ptr] = n
+                return t
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            slot = saved.dedupe.get(key)
+            if slot is None:
+                m.meter.alloc("gpu", nbytes(t), f"activations of {L.name}")
+                slot = saved.dedupe[key] = Slot(t)
+                saved.slots.append(slot)
+            return slot
+
+        def unpack(x):
+            if isinstance(x, ParamRef):
+                return self.layers[x.layer].flat().detach().as_strided(x.size, x.stride, x.offset)
+            if isinstance(x, Slot):
+                if x.dev is None:
+                    wait(saved.fetch)
+                return x.dev
+            return x
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def offload(self, L: LayerState, saved: Saved, mb: int, it: int) -> None:
+        """Copy the layer's packed tensors to host buffers (and on to the SSD) off the main thread."""
+        m = self.m
+        slots = saved.slots
+        saved.dedupe = {}
+        total = sum(nbytes(s.t) for s in slots)
+        for s in slots:
+            s.host = m.pool.like(s.t)
+        saved.bytes = total
+        saved.metas = [(s.host.shape, s.host.dtype, s.host.stride()) for s in slots]
+
+        def copy_out():
+            for s in slots:
+                s.host.copy_(s.t, non_blocking=True)
+            return None
+
+        def drop():
+            for s in slots:
+                s.t = None
+            m.meter.free("gpu", total, promised=True)
+
+        m.meter.promise("gpu", total)
+        saved.offload = m.eng["d2h"].submit(copy_out, "offload", L.i, it, total, "act", mb=mb, then=drop)
+        if L.lp.activations == "ssd":
+            key = f"a{L.i}.mb{mb}"
+
+            def write():
+                m.store.write(key, {str(j): s.host for j, s in enumerate(slots)})
+                m.meter.set("ssd", m.store.bytes_used())
+                for s in slots:                     # on the SSD now: the host buffers go back
+                    m.pool.put(s.host)
+                    s.host = None
+            saved.written = m.eng["ssd_write"].submit(write, "ssd_write", L.i, it, total, "act",
+                                                      after=[saved.offload], mb=mb)
+
+    def fetch(self, i: int, mb: int, it: int, force: bool = False) -> None:
+        """Start bringing layer i's offloaded tensors back to the device; without `force` only when
+        the budget allows it now and (SSD) their write is done, else a later call retries."""
+        m = self.m
+        if not 0 <= i < len(self.layers):
+            return
+        saved = self.saved.get((i, mb))
+        if saved is None or saved.mode not in ("cpu", "ssd") or saved.fetch is not None:
+            return
+        slots, total = saved.slots, saved.bytes
+        if saved.mode == "ssd" and not force and not done(saved.written):
+            return                           # stays in order behind its write; retried next layer
+        if force:
+            m.meter.alloc("gpu", total, f"fetched activations of {self.layers[i].name}")
+        elif not m.meter.try_alloc("gpu", total):
+            return
+        if saved.mode == "ssd":
+            stages = [m.pool.get(*meta) for meta in saved.metas]
+            key = f"a{i}.mb{mb}"
+            read = m.eng["ssd_read"].submit(
+                lambda: m.store.read(key, {str(j): st for j, st in enumerate(stages)}), "ssd_read", i,
+                it, total, "act", after=[saved.written], mb=mb)
+            srcs, after = stages, [read]
+        else:
+            srcs, after = [s.host for s in slots], [saved.offload]
+        saved.dev_bytes = total
+        devs = [torch.empty_like(h, device=m.dev) for h in srcs]
+
+        def copy_in():
+            for d, h in zip(devs, srcs):
+                d.copy_(h, non_blocking=True)
+            return None
+
+        def done_cb():
+            for s, d in zip(slots, devs):
+                s.dev = d
+            for h in srcs:
+                m.pool.put(h)
+            for s in slots:
+                s.host = None
+        saved.fetch = m.eng["h2d"].submit(copy_in, "fetch", i, it, total, "act", after=after, mb=mb, then=done_cb)
+
+    def free(self, saved: Saved) -> None:
+        """After the layer's backward: give back the device bytes its saved tensors held."""
+        freed = sum(saved.kept.values()) + saved.dev_bytes
+        if saved.mode == "recompute" and saved.inp is not None and saved.inp.is_floating_point():
+            freed += nbytes(saved.inp)
+        if freed:
+            self.m.meter.free("gpu", freed)
+        for s in saved.slots:
+            s.dev = None
+        saved.kept, saved.slots, saved.out, saved.inp = {}, [], None, None
