@@ -12,6 +12,7 @@ from tiertune.planner.bounds import lower_bound, weight_crossings
 from tiertune.planner.search import run_baselines
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.simulator import simulate
+from strategies import model_and_train
 from tiertune.workload import ModelSpec, TrainSpec, default_train, load_model
 
 BASE_HW = load_hardware("lsp-4090")
@@ -20,16 +21,8 @@ TIERS_ = ["gpu", "cpu", "ssd"]
 
 @st.composite
 def cases(draw):
-    heads = draw(st.sampled_from([2, 4]))
-    model = ModelSpec(name="rand", arch=draw(st.sampled_from(["llama", "gpt"])), vocab_size=draw(st.integers(64, 512)),
-                      hidden=heads * draw(st.sampled_from([8, 16, 32])), n_layers=draw(st.integers(1, 4)),
-                      n_heads=heads, n_kv_heads=heads, ffn_hidden=draw(st.sampled_from([64, 128, 256])),
-                      max_seq_len=256)
-    accum = draw(st.integers(1, 2))
-    train = TrainSpec(batch=draw(st.integers(1, 3)), seq_len=draw(st.sampled_from([16, 64, 128])),
-                      dtype=draw(st.sampled_from(["bf16", "fp32"])),
-                      optimizer=draw(st.sampled_from(["adamw", "sgd", "adalomo"])), grad_accum=accum,
-                      grad_clip=draw(st.sampled_from([None, 1.0])))
+    model, train = draw(model_and_train(dtypes=("bf16", "fp32")))
+    accum = train.grad_accum
     hw = BASE_HW.replace(pcie_duplex=draw(st.booleans()), ssd_duplex=draw(st.booleans()),
                          cpu_workers=draw(st.integers(1, 3)), ssd_count=draw(st.integers(1, 4)),
                          gpu_reserve_bytes=draw(st.sampled_from([0, CUDA_CONTEXT_BYTES])),

@@ -1,4 +1,6 @@
-"""Named policies: each makes the decisions that define the system it is named after (ANCHORS.md)."""
+"""Named policies: each makes the decisions that define the system it is named after
+(Fuyou arXiv 2403.06504, LSP-Offload arXiv 2406.10181, LOMO arXiv 2306.09782, ZeRO-Offload arXiv 2101.06840,
+ZeRO-Infinity arXiv 2104.07857)."""
 
 import pytest
 

@@ -11,6 +11,7 @@ from tiertune.simulator import simulate
 from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.vocab import RESOURCES, TIERS
 from tiertune.traces import Trace
+from strategies import model_and_train
 from tiertune.workload import ModelSpec, TrainSpec
 
 BASE_HW = load_hardware("lsp-4090")
@@ -27,15 +28,8 @@ def layer_plans(draw, fused_ok: bool):
 
 @st.composite
 def cases(draw):
-    heads = draw(st.sampled_from([2, 4]))
-    model = ModelSpec(name="rand", arch=draw(st.sampled_from(["llama", "gpt"])), vocab_size=draw(st.integers(64, 512)),
-                      hidden=heads * draw(st.sampled_from([8, 16, 32])), n_layers=draw(st.integers(1, 4)),
-                      n_heads=heads, n_kv_heads=heads, ffn_hidden=draw(st.sampled_from([64, 128, 256])),
-                      max_seq_len=256)
-    accum = draw(st.integers(1, 2))
-    train = TrainSpec(batch=draw(st.integers(1, 3)), seq_len=draw(st.sampled_from([16, 64, 128])),
-                      optimizer=draw(st.sampled_from(["adamw", "sgd", "adalomo"])), grad_accum=accum,
-                      grad_clip=draw(st.sampled_from([None, 1.0])))
+    model, train = draw(model_and_train())
+    accum = train.grad_accum
     hw = BASE_HW.replace(pcie_duplex=draw(st.booleans()), ssd_duplex=draw(st.booleans()),
                          cpu_workers=draw(st.integers(1, 3)), ssd_count=draw(st.integers(1, 4)),
                          cpu_mem_bytes=draw(st.sampled_from([BASE_HW.cpu_mem_bytes, 1 << 20, 3 << 20])))

@@ -68,7 +68,7 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class PlanGlobals:
-    """Plan-wide settings. LSP defaults follow LSP-Offload's code/paper (ANCHORS.md)."""
+    """Plan-wide settings. LSP defaults follow LSP-Offload's code/paper (arXiv 2406.10181, github.com/gulang2019/LSP-Offload)."""
 
     prefetch_depth: int = 1          # layers fetched ahead of use (1 = double buffering)
     iterations: int = 3              # iterations the simulator runs; steady state is measured after the first

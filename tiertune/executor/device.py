@@ -10,7 +10,8 @@ One code path for CUDA and for a CPU standing in for the GPU:
   - `Recorder` collects trace events: perf_counter around work done by a thread that waited for
     it; CUDA events for compute on the GPU, resolved to seconds at the end of each step.
   - `HostPool` hands out host buffers by shape and takes them back: allocated once and reused,
-    pinned on CUDA (pinning on the fly halves copy speed, DESIGN.md).
+    pinned on CUDA (pinning on the fly costs a cudaHostAlloc per copy and can halve copy speed:
+    NVIDIA's CUDA C++ Best Practices Guide, 'Pinned Memory').
 """
 
 from __future__ import annotations

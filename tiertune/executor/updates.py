@@ -6,7 +6,7 @@ rather than a torch.optim.Optimizer bound to parameters. AdamW and SGD follow
 torch.optim.AdamW / torch.optim.SGD defaults operation by operation (their single-tensor code
 path), so a lossless plan trains like a plain torch loop; tests check it against torch.optim.
 
-AdaLomo (OpenLMLab/LOMO, ANCHORS.md): Adafactor-style factored second moment (row and column
+AdaLomo (Lv et al., arXiv 2310.10195; code github.com/OpenLMLab/LOMO): Adafactor-style factored second moment (row and column
 means of g^2 for matrices, a full moment for vectors), update clipped by its RMS
 (clip_threshold 1.0), decay rate -0.8, step scaled by max(eps2, RMS(param)).
 """

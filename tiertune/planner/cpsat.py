@@ -1,4 +1,6 @@
-"""CP-SAT models of the per-layer schedule (OR-Tools `cp_model`), in the two stages DESIGN.md measured:
+"""CP-SAT models of the per-layer schedule (OR-Tools `cp_model`), in two stages (a full interval model
+with no hint found no feasible schedule from 16 layers up in 60 s in our trials; counts first, then
+intervals seeded with the best plan, did):
 
 1. `solve_counts`: a count model. Layers with the same shape (all blocks; embed and head alone) form
    a group; integer counts say how many layers of a group take each decision tuple. Steady-state
@@ -11,8 +13,8 @@
    memory as sums; objective = iteration makespan. Seeded with a complete hint: the seed plan's
    literals plus start times from the same model solved with those decisions fixed.
 
-Time is in coarse integer units (about 1 ms, scaled up for long iterations: DESIGN.md found 1 us
-units infeasible within limits). Every duration comes from CostModel; the engine re-checks the answer.
+Time is in coarse integer units (about 1 ms, scaled up for long iterations: 1 us units left the
+same model without a feasible solution within the time limit in our trials). Every duration comes from CostModel; the engine re-checks the answer.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SolverStats:
 
 def allowed_updates(plan_train, optimizer: str) -> tuple[str, ...]:
     """`fused` (LOMO) frees each gradient in its hook: only for a GPU-side update, with no gradient
-    accumulation (Plan validation) and no clipping (it would need a second backward, ANCHORS.md).
+    accumulation (Plan validation) and no clipping (it would need a second backward: LOMO, arXiv 2306.09782).
     A CPU/SSD optimizer's `after` is not dominated by `overlap`: the engine runs `after` updates in
     forward order, overlapping the next iteration's forward, while `overlap` updates end with
     layer 0, which the next forward needs first."""
@@ -394,7 +396,7 @@ class IntervalModel:
         for lit, ugs, ucs in getattr(self, "_after_lits", []):
             m.add(ugs >= last_b).only_enforce_if(lit)
             m.add(ucs >= last_b).only_enforce_if(lit)
-        # one task at a time per resource; half-duplex links share one timeline (DESIGN.md vocabulary)
+        # one task at a time per resource; half-duplex links share one timeline
         lanes = [["gpu"]]
         for link, pair in LINKS.items():
             lanes += [[r] for r in pair] if getattr(hw, f"{link}_duplex") else [list(pair)]
@@ -439,7 +441,7 @@ def solve_intervals(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPla
                 choices = choices + [lp]
     if unit_s is None:
         est = sum(cm.forward_s(i) + cm.backward_s(i) for i in range(len(cm.layers)))
-        unit_s = est / 2000                    # ~1 ms at 2 s of compute; scaled with the model (DESIGN.md)
+        unit_s = est / 2000                    # ~1 ms at 2 s of compute; scaled with the model
     model = IntervalModel(cm, choices, gpu_budget, unit_s, nnz_per_row)
     extra = {"unit_s": unit_s, "intervals": model.n_intervals}
     # (a) start times for a seed: the model with its decisions pinned. Pinning adds constraints only,

@@ -4,8 +4,7 @@ The planner must beat these; `tiertune compare` runs them all. Registry: `POLICI
 with `make_policy(name, model, train, hw)`. A policy always returns its plan, fitting or not (the
 engine says whether it fits); it raises `PolicyInfeasible` only when its own rules leave no tier
 that could hold the state (e.g. ZeRO-Infinity with neither host memory nor SSD space enough).
-Numbers quoted in docstrings come from the project's notes on these systems (ANCHORS.md, kept
-beside DESIGN.md), which cite each paper and code base.
+Numbers quoted in docstrings come from each system's paper and released code, named where used.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ def lomo(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     so at most one gradient is alive, activations recomputed (the paper trains with checkpointing).
 
     Optimizer: LOMO is SGD without state; AdaLomo is its adaptive variant (factored second moment,
-    ANCHORS.md). A user who asked for AdamW gets AdaLomo, the closest to Adam that LOMO offers; we
+    LOMO's README). A user who asked for AdamW gets AdaLomo, the closest to Adam that LOMO offers; we
     record the substitution in provenance (`optimizer_from`) rather than silently training with SGD.
     Fused updates cannot accumulate gradients, and clipping needs a second backward (LOMO#4, #34):
     Plan validation and `Plan.needs_second_backward` handle both. No fp32 master copy (the hook
@@ -106,7 +105,7 @@ DEEPSPEED_HOST_BUFFER_FACTOR = 1.5
 @policy("zero-offload")
 def zero_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     """DeepSpeed ZeRO-Offload: fp16 weights on the GPU, gradients and Adam states on the CPU, CPU Adam
-    after the whole backward, updated weights copied back (ANCHORS.md; no delayed update).
+    after the whole backward, updated weights copied back (ZeRO-Offload, arXiv 2101.06840, with no delayed parameter update).
     DeepSpeed's accounting: each gradient is cast to fp32 on the device and copied into fp32
     partitions kept in host memory until the step (16 bytes per parameter on the host with Adam)."""
     train = train.replace(fp32_host_grads=True)

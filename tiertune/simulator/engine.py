@@ -15,7 +15,7 @@ other resources are busy. A task then carries its remaining work (seconds at ful
 end is re-planned whenever the set of busy resources changes; an end event that was re-planned
 is stale and skipped. Without contention none of this runs.
 
-Speed (DESIGN.md): one function, plain lists of ints/floats, heaps of ints, locals only in the
+Speed: one function, plain lists of ints/floats, heaps of ints, locals only in the
 hot loop; no numpy element reads, no SimPy.
 """
 

@@ -1,6 +1,6 @@
 """Refine a hardware profile from a measured trace (`tiertune calibrate --from-trace`).
 
-Microbenchmarks alone under-predict (DESIGN.md); FlexGen fits its constants to real runs. Here
+Microbenchmarks alone under-predict; FlexGen (Sheng et al., arXiv 2303.06865) fits its constants to real runs. Here
 each constant the cost model (tiertune/simulator/costs.py) reads is refit by least squares from
 the durations of the trace's tasks, grouped by resource and task kind:
 
