@@ -8,7 +8,9 @@ import math
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tiertune.hardware import CUDA_CONTEXT_BYTES, load_hardware
-from tiertune.planner.bounds import lower_bound, weight_crossings
+from tiertune.planner.bounds import lower_bound
+from tiertune.simulator.costs import CostModel
+from tiertune.simulator.recipe import layer_recipe
 from tiertune.planner.search import run_baselines
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.simulator import simulate
@@ -82,7 +84,13 @@ def test_an_infinite_bound_has_a_reason_and_is_null_in_json():
 
 
 def test_only_the_last_layers_weights_cross_once():
-    assert [weight_crossings(i, 4) for i in range(4)] == [2, 2, 2, 1]
+    model = ModelSpec(name="m", arch="llama", vocab_size=128, hidden=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                      ffn_hidden=64, max_seq_len=64)
+    cm = CostModel(model, TrainSpec(batch=1, seq_len=16), BASE_HW)
+    streamed = LayerPlan(params="cpu", optimizer="cpu")
+    loads = [sum(s.count for name, s in layer_recipe(cm, i, streamed).steps.items() if name.startswith("w_load"))
+             for i in range(4)]
+    assert loads == [2, 2, 2, 1]
 
 
 def test_a_cpu_profile_without_reserve_bounds_what_fits_in_its_whole_budget():

@@ -32,6 +32,7 @@ from tiertune.planner.estimate import (fold_duplex, layer_work, optimizer_state_
                                        usable_gpu_bytes)
 from tiertune.schedule import ACTIVATIONS, LayerPlan, Plan
 from tiertune.simulator.costs import CostModel
+from tiertune.simulator.recipe import layer_recipe
 from tiertune.vocab import LINKS, RESOURCES, TIERS
 
 MIB = 1 << 20
@@ -97,30 +98,18 @@ def groups(cm: CostModel) -> list[list[int]]:
 
 
 def resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
-    """Bytes layer i holds in each tier through the iteration (the count model's memory rows)."""
-    lc = cm.layers[i]
-    out = {"gpu": 0, "cpu": 0, "ssd": 0}
-    out[lp.params] += lc.weight_bytes
-    out[lp.optimizer] += optimizer_state_bytes(cm, i, lp)
-    if lp.optimizer == "gpu" and lp.update == "after":
-        out["gpu"] += lc.grad_bytes
-    if lp.activations == "keep":
-        out["gpu"] += lc.act_bytes
-    elif lp.activations == "recompute":
-        out["gpu"] += lc.act_checkpoint_bytes
-    else:
-        out[lp.activations] += lc.act_bytes
-    return out
+    """Bytes layer i holds in each tier through the iteration (the count model's memory rows): its
+    recipe's home, kept activations and host gradient."""
+    return layer_recipe(cm, i, lp).held()
 
 
 def working_set(cm: CostModel, depth: int) -> int:
-    """GPU bytes a layer's backward holds beyond what stays resident, at worst: its activations,
-    gradient, streamed weights and dY/dX workspace (simulator/builder.py). Prefetches (`depth`
-    layers ahead) are not reserved: the engine starts a copy only once its bytes fit, so a tight
-    budget delays them instead of failing. Activations kept for earlier layers are in `resident`."""
-    t = cm.train
-    workspace = 2 * t.elem_bytes * t.seq_len * t.batch * cm.model.hidden
-    return max(lc.act_bytes + lc.grad_bytes + lc.weight_bytes for lc in cm.layers) + workspace
+    """GPU bytes a layer's backward holds beyond what stays resident, at worst (a streamed layer
+    whose activations come back): the largest recipe working set. Prefetches (`depth` layers
+    ahead) are not reserved: the engine starts a copy only once its bytes fit, so a tight budget
+    delays them instead of failing. Activations kept for earlier layers are in `resident`."""
+    worst = LayerPlan(params="cpu", optimizer="cpu", activations="cpu")
+    return max(layer_recipe(cm, i, worst).working_gpu for i in range(len(cm.layers)))
 
 
 # --- stage 1: the count model ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import LayerPlan, Plan
 from tiertune.simulator.costs import CostModel
+from tiertune.simulator.recipe import layer_recipe, plan_recipes
 from tiertune.vocab import LINKS, RESOURCES, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -45,48 +46,14 @@ def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
 
 
 def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4, cpu_checkpointing: bool = False) -> LayerWork:
-    """Per-resource work of layer i under decisions lp (the same task list the engine builds)."""
-    lc = cm.layers[i]
-    fwd: dict = {}
-    bwd: dict = {}
+    """Per-resource work of layer i under decisions lp, by phase: its recipe's tasks (the same
+    tasks the engine builds). `overlap`/`fused` updates run during backward, `after` ones after it."""
+    r = layer_recipe(cm, i, lp, 1, cpu_checkpointing, nnz_per_row)
+    bwd = r.phase_busy("backward")
     post: dict = {}
-    e = cm.train.elem_bytes
-    _add(fwd, "gpu", cm.forward_s(i))
-    _add(bwd, "gpu", cm.backward_s(i) + (cm.recompute_s(i) if lp.activations == "recompute" else 0.0))
-    # weights are fetched for forward and again for backward when they do not live on the GPU
-    if lp.params != "gpu":
-        for d in (fwd, bwd):
-            _add(d, "h2d", cm.h2d_s(lc.weight_bytes))
-            if lp.params == "ssd":
-                _add(d, "ssd_read", cm.ssd_read_s(lc.weight_bytes))
-    if lp.activations == "recompute" and cpu_checkpointing:
-        _add(fwd, "d2h", cm.d2h_s(lc.act_checkpoint_bytes))
-        _add(bwd, "h2d", cm.h2d_s(lc.act_checkpoint_bytes))
-    if lp.activations in ("cpu", "ssd"):
-        _add(fwd, "d2h", cm.d2h_s(lc.act_bytes))
-        _add(bwd, "h2d", cm.h2d_s(lc.act_bytes))
-        if lp.activations == "ssd":
-            _add(fwd, "ssd_write", cm.ssd_write_s(lc.act_bytes))
-            _add(bwd, "ssd_read", cm.ssd_read_s(lc.act_bytes))
-    upd = post if lp.update == "after" else bwd
-    if lp.optimizer == "gpu":
-        _add(upd, "gpu", cm.gpu_update_s(i))
-    else:
-        n_opt = optimizer_params(cm, i, lp)
-        if lp.grad_rank is not None:
-            _add(bwd, "gpu", cm.compress_s(i, lp.grad_rank, nnz_per_row))
-            _add(upd, "gpu", cm.decompress_s(i, lp.grad_rank, nnz_per_row))
-        _add(bwd, "d2h", cm.d2h_s(cm.host_grad_bytes(i, lp.grad_rank)))
-        _add(upd, "cpu", cm.cpu_update_s(n_opt))
-        if lp.optimizer == "ssd":
-            ob = optimizer_state_bytes(cm, i, lp)
-            _add(upd, "ssd_read", cm.ssd_read_s(ob))
-            _add(upd, "ssd_write", cm.ssd_write_s(ob))
-        if lp.params == "gpu":                     # updated weights (or the d x d delta) go back
-            _add(upd, "h2d", cm.h2d_s(n_opt * e if lp.grad_rank is not None else lc.weight_bytes))
-        elif lp.params == "ssd":
-            _add(upd, "ssd_write", cm.ssd_write_s(lc.weight_bytes))
-    return LayerWork(fwd, bwd, post)
+    for k, v in r.phase_busy("update").items():
+        _add(post if lp.update == "after" else bwd, k, v)
+    return LayerWork(r.phase_busy("forward"), bwd, post)
 
 
 def busy_s(cm: CostModel, plan: Plan) -> dict[str, float]:
@@ -129,41 +96,26 @@ def quick_iteration_s(cm: CostModel, plan: Plan) -> float:
 
 
 def footprint(cm: CostModel, plan: Plan) -> dict[str, int]:
-    """Peak bytes per tier this plan needs (resident state + the largest in-flight working set)."""
-    gpu = cpu = ssd = 0
-    act_gpu = 0
-    stream_w = swap_a = work_a = grad_max = 0
-    staging = 0
-    depth = plan.globals.prefetch_depth + 1
-    for i, lp in enumerate(plan.layers):
-        lc = cm.layers[i]
-        ob = optimizer_state_bytes(cm, i, lp)
-        tier = {"gpu": 0, "cpu": 0, "ssd": 0}
-        tier[lp.params] += lc.weight_bytes
-        tier[lp.optimizer] += ob
-        if lp.optimizer == "gpu" and lp.update == "after":
-            tier["gpu"] += lc.grad_bytes           # every gradient is alive until the step
-        if lp.optimizer != "gpu" and lp.update == "after":
-            tier["cpu"] += cm.host_grad_bytes(i, lp.grad_rank)   # gradients collected on the host for the step
-        if lp.activations == "keep":
-            act_gpu += lc.act_bytes
-        elif lp.activations == "recompute":
-            tier["cpu" if plan.globals.cpu_checkpointing else "gpu"] += lc.act_checkpoint_bytes
-        else:
-            tier[lp.activations] += lc.act_bytes
-            swap_a = max(swap_a, lc.act_bytes)
+    """Peak bytes per tier this plan needs: what every layer's recipe holds at once (home, kept
+    activations, host gradients of `after` updates) plus the largest in-flight working set:
+    prefetch buffers for streamed weights and swapped activations, one layer's backward working
+    set, and host staging for SSD-homed state."""
+    held = dict.fromkeys(TIERS, 0)
+    stream_w = swap_a = work = staging = 0
+    for r, lp in zip(plan_recipes(cm, plan), plan.layers):
+        for tier, b in r.held().items():
+            held[tier] += b
         if lp.params != "gpu":
-            stream_w = max(stream_w, lc.weight_bytes)
+            stream_w = max(stream_w, r.weight_bytes)
+        if lp.activations in ("cpu", "ssd"):
+            swap_a = max(swap_a, r.act_bytes)
         if lp.optimizer == "ssd" or lp.params == "ssd":
-            staging = max(staging, lc.weight_bytes + ob + lc.grad_bytes)
-        work_a = max(work_a, lc.act_bytes)
-        grad_max = max(grad_max, lc.grad_bytes)
-        gpu, cpu, ssd = gpu + tier["gpu"], cpu + tier["cpu"], ssd + tier["ssd"]
-    # In flight on the GPU: prefetch buffers for streamed weights and swapped activations, one
-    # layer's full activations during its backward and one layer's gradient.
-    gpu += act_gpu + depth * stream_w + depth * swap_a + work_a + grad_max
-    cpu += depth * staging
-    return {"gpu": int(gpu), "cpu": int(cpu), "ssd": int(ssd)}
+            staging = max(staging, r.weight_bytes + r.opt_bytes + r.grad_bytes)
+        work = max(work, r.working_gpu)
+    depth = plan.globals.prefetch_depth + 1
+    held["gpu"] += depth * (stream_w + swap_a) + work
+    held["cpu"] += depth * staging
+    return {t: int(b) for t, b in held.items()}
 
 
 def overflow(cm: CostModel, plan: Plan) -> str | None:

@@ -28,6 +28,7 @@ from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile
 from tiertune.schedule import Plan
 from tiertune.simulator.costs import CostModel
+from tiertune.simulator.recipe import keeps_last_weights, passes as recipe_passes, plan_recipes
 from tiertune.vocab import LINKS, CPU, D2H, GPU, H2D, RESOURCES, SSD_READ, SSD_WRITE, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
@@ -149,29 +150,16 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
           cm: CostModel | None = None) -> TaskGraph:
     """The task graph of `iterations` training steps of `plan` (see the module docstring)."""
     cm = cm or CostModel(model, train, hw)
-    # Durations are pure functions of (method, size); the planner rebuilds graphs for one CostModel
-    # many times, so they are memoised on it (a Curve lookup per copy was a third of build time).
-    memo: dict = cm.__dict__.setdefault("_duration_memo", {})
-
-    def cost(fn, *args) -> float:
-        key = (fn.__name__, args)
-        v = memo.get(key)
-        if v is None:
-            v = memo[key] = float(fn(*args))
-        return v
-    costs = cm.layers
-    n = len(costs)
+    n = len(cm.layers)
     if plan.n_layers != n:
         raise InputError(f"plan has {plan.n_layers} layers but model {model.name!r} has {n} (embed + blocks + head)")
     if not isinstance(iterations, int) or iterations < 1:
         raise InputError(f"iterations must be a positive integer, got {iterations!r}")
-    e = train.elem_bytes
     depth = plan.globals.prefetch_depth
-    nnz = plan.globals.lsp_nnz_per_row
-    passes = 2 if plan.needs_second_backward else 1
+    passes = recipe_passes(train, plan.layers)
     accum = train.grad_accum
-    # dY in, dX out of a layer's backward: transient GPU workspace (the saved activations are counted apart).
-    workspace = 2 * e * train.seq_len * train.batch * model.hidden
+    # Every duration and byte count comes from the layers' recipes; this function adds the order.
+    rec = plan_recipes(cm, plan)
 
     g = TaskGraph(iterations=iterations)
     g.capacity = capacities(hw, plan)
@@ -183,27 +171,25 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         g.contention = [[hw.contention.get(r, {}).get(s, 0.0) if s != r else 0.0 for s in RESOURCES]
                         for r in RESOURCES]
 
-    # Per-layer constants.
     lp_ = plan.layers
-    wb = [c.weight_bytes for c in costs]
-    act = [c.act_bytes for c in costs]
-    ckpt = [min(c.act_checkpoint_bytes, c.act_bytes) for c in costs]
-    sent_params = [cm.compressed_params(i, lp.grad_rank) if lp.grad_rank else costs[i].params
-                   for i, lp in enumerate(lp_)]
-    # LSP keeps Adam moments in the projected space and no fp32 master (CostModel.optim_state_bytes).
-    opt_bytes = [cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights) for i, lp in enumerate(lp_)]
-    sent_bytes = [cm.host_grad_bytes(i, lp.grad_rank) for i, lp in enumerate(lp_)]
+    wb = [r.weight_bytes for r in rec]
+    act = [r.act_bytes for r in rec]
+    ckpt = [r.ckpt_bytes for r in rec]
+    opt_bytes = [r.opt_bytes for r in rec]
+    sent_bytes = [r.sent_bytes for r in rec]
+    workspace = rec[0].workspace
     # DeepSpeed's cpu_checkpointing: a recomputed layer's input checkpoint waits in host memory
     # between its forward and its recompute, instead of on the device.
     host_ckpt = plan.globals.cpu_checkpointing
 
+    def dur(i: int, name: str) -> float:
+        return rec[i].steps[name].duration
+
     res = g.resident
     res[0] += hw.gpu_reserve_bytes
-    for i, lp in enumerate(lp_):
-        res[TIERS.index(lp.params)] += wb[i]
-        res[TIERS.index(lp.optimizer)] += opt_bytes[i]
-        if lp.optimizer == "gpu" and lp.update != "fused":
-            res[0] += costs[i].grad_bytes            # persistent .grad buffer (zeroed, not freed, per step)
+    for r in rec:
+        for k in range(len(TIERS)):
+            res[k] += r.home[k]
 
     uses: list[int] = []                # the compute task that ends each layer step, in issue order
     upd_done: list[int | None] = [None] * n      # last task making layer i's weights current at home
@@ -222,8 +208,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             return None
         head = None
         if home == "ssd":
-            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, cost(cm.ssd_read_s, wb[i]), wb[i], cpu=wb[i])
-        h = g.add("load", "w." + phase, i, it, mb, H2D, cost(cm.h2d_s, wb[i]), wb[i], gpu=wb[i])
+            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, dur(i, "w_ssd_read_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], cpu=wb[i])
+        h = g.add("load", "w." + phase, i, it, mb, H2D, dur(i, "w_load_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], gpu=wb[i])
         if head is not None:
             g.edge(head, h)
             g.release(h, 1, wb[i])
@@ -235,10 +221,10 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
 
     def update(i: int, it: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
         """Optimizer step of layer i and the copies that bring its weights home; returns the update task."""
-        lp, c = lp_[i], costs[i]
+        lp, c = lp_[i], cm.layers[i]
         if lp.optimizer == "gpu":
             out = wb[i] if lp.params != "gpu" else 0      # new compute-dtype weights to send home
-            u = g.add("update", "", i, it, 0, GPU, cost(cm.gpu_update_s, i), gpu=out)
+            u = g.add("update", "", i, it, 0, GPU, dur(i, "update"), gpu=out)
             for x in grad_ready:
                 g.edge(x, u)
             g.edge(gate, u)
@@ -246,13 +232,13 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.release(u, 0, c.grad_bytes)
             done = u
             if lp.params != "gpu":
-                wbk = g.add("writeback", "w", i, it, 0, D2H, cost(cm.d2h_s, wb[i]), wb[i],
+                wbk = g.add("writeback", "w", i, it, 0, D2H, dur(i, "writeback"), wb[i],
                             cpu=wb[i] if lp.params == "ssd" else 0)
                 g.edge(u, wbk)
                 g.release(wbk, 0, wb[i])
                 done = wbk
                 if lp.params == "ssd":
-                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, wb[i]), wb[i])
+                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
                     g.edge(wbk, sw)
                     g.release(sw, 1, wb[i])
                     done = sw
@@ -261,7 +247,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         # CPU optimizer (state in host memory, or on SSD and streamed through host memory).
         sr = None
         if lp.optimizer == "ssd":
-            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, cost(cm.ssd_read_s, opt_bytes[i]), opt_bytes[i],
+            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, dur(i, "opt_ssd_read"), opt_bytes[i],
                        cpu=opt_bytes[i])
             g.edge(opt_written[i], sr)
             g.edge(read_after, sr)
@@ -269,10 +255,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.edge(upd_seq[-1 - depth], sr)
         rank = lp.grad_rank
         out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
-        dur = cost(cm.cpu_update_s, sent_params[i])
-        if rank and lp.params != "gpu":
-            dur += cost(cm.cpu_apply_s, c.params)           # the dense weights absorb P U Q^T on the host
-        u = g.add("update", "", i, it, 0, CPU, dur, cpu=out)
+        u = g.add("update", "", i, it, 0, CPU, dur(i, "update"), cpu=out)
         if len(upd_seq) >= g.pool_slots[CPU]:
             # The optimizer's workers take steps in issue order (DeepSpeed's CPU Adam, our executor):
             # one whose gradient is ready early does not jump ahead of the layer the next forward needs first.
@@ -284,26 +267,26 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         g.edge(gate, u)
         g.release(u, 1, sent_bytes[i])                # the host gradient buffer
         if sr is not None:
-            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, opt_bytes[i]), opt_bytes[i])
+            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, dur(i, "opt_ssd_write"), opt_bytes[i])
             g.edge(u, sw)
             g.release(sw, 1, opt_bytes[i])
             opt_written[i] = sw
         done = u
         if lp.params == "gpu" and rank:
-            wbk = g.add("writeback", "w", i, it, 0, H2D, cost(cm.h2d_s, sent_bytes[i]), sent_bytes[i], gpu=sent_bytes[i])
+            wbk = g.add("writeback", "w", i, it, 0, H2D, dur(i, "writeback"), sent_bytes[i], gpu=sent_bytes[i])
             g.edge(u, wbk)
             g.release(wbk, 1, sent_bytes[i])
-            d = g.add("decompress", "", i, it, 0, GPU, cost(cm.decompress_s, i, rank, nnz))
+            d = g.add("decompress", "", i, it, 0, GPU, dur(i, "decompress"))
             g.edge(wbk, d)
             g.release(d, 0, sent_bytes[i])
             done = d
         elif lp.params == "gpu":
-            wbk = g.add("writeback", "w", i, it, 0, H2D, cost(cm.h2d_s, wb[i]), wb[i])
+            wbk = g.add("writeback", "w", i, it, 0, H2D, dur(i, "writeback"), wb[i])
             g.edge(u, wbk)
             g.release(wbk, 1, wb[i])
             done = wbk
         elif lp.params == "ssd":
-            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, cost(cm.ssd_write_s, wb[i]), wb[i])
+            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
             g.edge(u, sw)
             g.release(sw, 1, wb[i])
             done = sw
@@ -311,9 +294,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         return u
 
     prev_end: int | None = None          # the compute task everything of the next micro-batch follows
-    # The last layer's backward follows its forward at once: its streamed weights stay on the
-    # device between the two (our executor, Fuyou, MegaTrain) instead of leaving and coming back.
-    keep_last = lp_[n - 1].params != "gpu" and passes == 1
+    keep_last = keeps_last_weights(n - 1, n, lp_[n - 1], passes)
     for it in range(iterations):
         grads: list[list[int]] = [[] for _ in range(n)]     # gradient arrivals per layer over micro-batches
         upd_seq.clear()                                      # this step's CPU updates, in issue order
@@ -322,9 +303,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             # ---- forward ----
             homes: list[tuple[int | None, int | None]] = [(None, None)] * n   # (offload d2h, ssd write)
             for i in range(n):
-                lp, c = lp_[i], costs[i]
+                lp, c = lp_[i], cm.layers[i]
                 h = load_weights(i, it, mb, first_use=(mb == 0), phase="fwd")
-                f = g.add("forward", "", i, it, mb, GPU, cost(cm.forward_s, i), flops=c.fwd_flops, gpu=act[i])
+                f = g.add("forward", "", i, it, mb, GPU, dur(i, "forward"), flops=c.fwd_flops, gpu=act[i])
                 g.edge(h, f)
                 g.edge(prev_end, f)
                 if h is None and mb == 0:
@@ -334,17 +315,17 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 if lp.activations == "recompute":
                     g.release(f, 0, act[i] - ckpt[i])
                     if host_ckpt:
-                        o = g.add("offload", "ckpt", i, it, mb, D2H, cost(cm.d2h_s, ckpt[i]), ckpt[i], cpu=ckpt[i])
+                        o = g.add("offload", "ckpt", i, it, mb, D2H, dur(i, "ckpt_offload"), ckpt[i], cpu=ckpt[i])
                         g.edge(f, o)
                         g.release(o, 0, ckpt[i])
                         homes[i] = (o, None)
                 elif lp.activations in ("cpu", "ssd"):
-                    o = g.add("offload", "act", i, it, mb, D2H, cost(cm.d2h_s, act[i]), act[i], cpu=act[i])
+                    o = g.add("offload", "act", i, it, mb, D2H, dur(i, "act_offload"), act[i], cpu=act[i])
                     g.edge(f, o)
                     g.release(o, 0, act[i])
                     w = None
                     if lp.activations == "ssd":
-                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, cost(cm.ssd_write_s, act[i]), act[i], ssd=act[i])
+                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, dur(i, "act_ssd_write"), act[i], ssd=act[i])
                         g.edge(o, w)
                         g.release(w, 1, act[i])
                     homes[i] = (o, w)
@@ -356,7 +337,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 tag = "" if last else "norm"
                 sfx = "" if last else ".norm"
                 for i in reversed(range(n)):
-                    lp, c = lp_[i], costs[i]
+                    lp, c = lp_[i], cm.layers[i]
                     if keep_last and i == n - 1:
                         h = None
                         freed_w = wb[i]
@@ -368,13 +349,13 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         o, w = homes[i]
                         src = o
                         if lp.activations == "ssd":
-                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, cost(cm.ssd_read_s, act[i]), act[i], cpu=act[i])
+                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, dur(i, "act_ssd_read"), act[i], cpu=act[i])
                             g.edge(w, sr)
                             g.edge(window(), sr)
                             if last:
                                 g.release(sr, 2, act[i])
                             src = sr
-                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, cost(cm.h2d_s, act[i]), act[i], gpu=act[i])
+                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, dur(i, "act_fetch"), act[i], gpu=act[i])
                         g.edge(src, prep)
                         if lp.activations == "cpu":
                             g.edge(window(), prep)
@@ -383,19 +364,19 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                     elif lp.activations == "recompute":
                         fetched = None
                         if host_ckpt:
-                            fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, cost(cm.h2d_s, ckpt[i]), ckpt[i],
+                            fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, dur(i, "ckpt_fetch"), ckpt[i],
                                             gpu=ckpt[i])
                             g.edge(homes[i][0], fetched)
                             g.edge(window(), fetched)
                             if last:
                                 g.release(fetched, 1, ckpt[i])
-                        prep = g.add("recompute", tag, i, it, mb, GPU, cost(cm.recompute_s, i), flops=c.fwd_flops,
+                        prep = g.add("recompute", tag, i, it, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops,
                                      gpu=act[i] - ckpt[i])
                         g.edge(h, prep)
                         g.edge(fetched, prep)
                         g.edge(prev_end, prep)
                     dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
-                    b = g.add("backward", tag, i, it, mb, GPU, cost(cm.backward_s, i), flops=c.bwd_flops,
+                    b = g.add("backward", tag, i, it, mb, GPU, dur(i, "backward"), flops=c.bwd_flops,
                               gpu=workspace + dyn_grad)
                     g.edge(h, b)
                     g.edge(prep, b)
@@ -421,11 +402,11 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         src = b
                         if lp.grad_rank:
                             cx = g.add("compress", "grad", i, it, mb, GPU,
-                                       cost(cm.compress_s, i, lp.grad_rank, nnz), gpu=sent_bytes[i])
+                                       dur(i, "compress"), gpu=sent_bytes[i])
                             g.edge(b, cx)
                             g.release(cx, 0, c.grad_bytes)
                             src = cx
-                        gd = g.add("grad", "grad", i, it, mb, D2H, cost(cm.d2h_s, sent_bytes[i]), sent_bytes[i],
+                        gd = g.add("grad", "grad", i, it, mb, D2H, dur(i, "grad"), sent_bytes[i],
                                    cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
                         g.edge(src, gd)
                         g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
