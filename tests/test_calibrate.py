@@ -289,3 +289,51 @@ def test_fit_calls_a_link_duplex_only_where_its_two_directions_ran_at_once():
     serial = Trace(ev, overlapped.memory, overlapped.meta)
     hw = fit_profile(serial, base.replace(ssd_duplex=True, pcie_duplex=True)).profile
     assert not hw.ssd_duplex and not hw.pcie_duplex
+
+
+# --- per-task fixed costs of the runtime --------------------------------------------------------------------
+def test_a_task_overhead_adds_to_exactly_the_tasks_it_names(tmp_path):
+    """HardwareProfile.task_overheads: a fixed cost per (kind, resource, layer kind) is added to the
+    cost-model duration of those tasks only, a fused update's row apart from a plain one's, a row
+    naming what a copy moves before the kind's own row, and the table survives the profile's TOML."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.workload import TrainSpec, load_model
+
+    m, t = load_model("tiny-llama"), TrainSpec(batch=2, seq_len=16)
+    base = load_hardware("lsp-4090")
+    extra = base.replace(task_overheads={"forward.gpu": {"block": 1e-3}, "update.gpu.fused": {"head": 2e-3},
+                                         "grad.d2h": {"head": 3e-3}, "grad.d2h.grad": {"head": 4e-3}})
+    path = tmp_path / "p.toml"
+    path.write_text(extra.to_toml())
+    back = load_hardware(str(path)).task_overheads
+    assert back.keys() == extra.task_overheads.keys()
+    assert all(back[k] == pytest.approx(v) for k, v in extra.task_overheads.items())
+
+    def durations(hw, policy):
+        plan = make_policy(policy, m, t, base)
+        ev = simulate(m, plan.train, hw, plan, iterations=1).trace.events
+        return {(k, int(layer)): float(d) for k, layer, d in zip(ev.kind, ev.layer, ev.end_s - ev.start_s)}
+
+    blocks = {("forward", i) for i in (1, 2, 3, 4)}
+    want = {"forward": 1e-3, "update": 2e-3, "grad": 4e-3}
+    for policy, changed in (("gpu-only", blocks), ("lomo", blocks | {("update", 5)}),
+                            ("zero-offload", blocks | {("grad", 5)})):
+        a, b = durations(base, policy), durations(extra, policy)
+        assert a.keys() == b.keys()
+        added = {k: b[k] - a[k] for k in a if abs(b[k] - a[k]) > 1e-12}
+        assert set(added) == changed
+        assert all(v == pytest.approx(want[k[0]]) for k, v in added.items())
+
+
+@pytest.mark.parametrize("table, words", [
+    ('"forward.nowhere" = { block = 1 }', "forward.nowhere"),
+    ('"forward.gpu" = { block = -1 }', "forward.gpu.block"),
+    ('"forward.gpu" = 3', "forward.gpu"),
+])
+def test_a_bad_task_overhead_table_is_one_clear_error(tmp_path, capsys, table, words):
+    path = tmp_path / "p.toml"
+    path.write_text(load_hardware("lsp-4090").to_toml() + "\n[task_overheads_us]\n" + table + "\n")
+    rc = main(["simulate", "--model", "tiny-llama", "--policy", "gpu-only", "--hardware", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and words in err, err

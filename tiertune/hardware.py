@@ -100,6 +100,16 @@ class HardwareProfile:
     # part: a CPU standing in for the GPU shares cores and DRAM bandwidth with the copy and
     # optimizer threads. Empty for GPU presets (no public measurement to cite); fitted from traces.
     contention: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Fixed cost of one task of the runtime, beyond what the size-dependent terms above charge:
+    # task_overheads["<kind>.<resource>[.<what>]"][layer kind] seconds, kinds and resources as the
+    # trace names tasks, <what> what a copy moves (w, act, opt, grad), the layer's activation mode
+    # for forward and backward, or "fused" for updates run in LOMO's gradient hooks; a row without
+    # <what> serves where no qualified row is given. Layer kinds as workload.LayerCost.kind. What a framework spends per task around the arithmetic and the bytes:
+    # issuing work from Python, hand-offs to copy and optimizer threads, saved-tensor and gradient
+    # hooks, a file system call per SSD request. Empty for presets (no public per-task measurement;
+    # gpu_task_overhead_s stands for kernel launches); measured by `tiertune calibrate`, which then
+    # folds the per-layer task and update overheads above into this table.
+    task_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "preset"              # preset | calibrated | file path
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -190,6 +200,10 @@ class HardwareProfile:
             lines += ["", "[contention]   # a task on the left runs at 1 / (1 + x) of its speed while the named resource is busy"]
             lines += [f"{r} = {{ " + ", ".join(f"{s} = {x:.4g}" for s, x in row.items()) + " }"
                       for r, row in self.contention.items() if row]
+        if self.task_overheads:
+            lines += ["", "[task_overheads_us]   # fixed cost of one task, by kind.resource and layer kind"]
+            lines += [f"{json.dumps(k)} = {{ " + ", ".join(f"{lk} = {v * 1e6:.6g}" for lk, v in row.items()) + " }"
+                      for k, row in self.task_overheads.items() if row]
         return "\n".join(lines) + "\n"
 
 
@@ -213,6 +227,23 @@ def _contention(table) -> dict[str, dict[str, float]]:
                 raise InputError(f"hardware profile: contention.{r}.{s} = {x!r}: need another resource "
                                  f"({', '.join(RESOURCES)}) and a factor >= 0")
         out[r] = {s: float(x) for s, x in row.items()}
+    return out
+
+
+def _task_overheads(table) -> dict[str, dict[str, float]]:
+    """[task_overheads_us] of a profile TOML, in seconds."""
+    if not isinstance(table, dict):
+        raise InputError('hardware profile: [task_overheads_us] must be a table like "forward.gpu" = { block = 120 }')
+    out: dict[str, dict[str, float]] = {}
+    for key, row in table.items():
+        parts = str(key).split(".")
+        if len(parts) not in (2, 3) or parts[1] not in RESOURCES or not isinstance(row, dict):
+            raise InputError(f"hardware profile: task_overheads_us.{key}: expected <kind>.<resource>[.<what>] "
+                             f"(resource one of {', '.join(RESOURCES)}) with a table of layer kind = microseconds")
+        for lk, us in row.items():
+            if not isinstance(us, (int, float)) or isinstance(us, bool) or us < 0:
+                raise InputError(f"hardware profile: task_overheads_us.{key}.{lk} = {us!r} is not a number >= 0")
+        out[str(key)] = {str(lk): float(us) * 1e-6 for lk, us in row.items()}
     return out
 
 
@@ -271,6 +302,7 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         ssd_duplex=bool(d.get("ssd", {}).get("duplex", False)),
         ssd_efficiency=_curve(d.get("ssd", {}).get("efficiency", [[0, 0.5], [1 << 20, 0.9]]), "ssd.efficiency"),
         contention=_contention(d.get("contention", {})),
+        task_overheads=_task_overheads(d.get("task_overheads_us", {})),
         source=source,
     )
     for attr in ("gpu_mem_bytes", "gpu_mem_bw_bps", "h2d_bps", "d2h_bps", "cpu_mem_bytes",

@@ -86,6 +86,16 @@ class CostModel:
             return self.compressed_params(layer, rank) * self.train.elem_bytes
         return self.layers[layer].params * self.train.host_grad_bytes
 
+    def task_overhead_s(self, kind: str, resource: str, layer: int, what: str = "") -> float:
+        """The profile's measured fixed cost of one `kind` task on `resource` for `layer` (0 where it
+        has none: HardwareProfile.task_overheads): the row "<kind>.<resource>.<what>" where the
+        profile has one (what a copy moves: w, act, opt, grad; the activation mode of a forward or
+        backward; "fused": an update run in the gradient hooks), else "<kind>.<resource>"."""
+        table = self.hw.task_overheads
+        row = table.get(f"{kind}.{resource}.{what}") if what else None
+        row = row if row is not None else table.get(f"{kind}.{resource}")
+        return row.get(self.layers[layer].kind, 0.0) if row else 0.0
+
     # --- copies ------------------------------------------------------------------------------
     def h2d_s(self, nbytes: float, pinned: bool = True) -> float:
         if nbytes <= 0:

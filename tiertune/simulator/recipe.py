@@ -20,6 +20,18 @@ from tiertune.simulator.costs import CostModel
 from tiertune.vocab import CPU, CPU_TIER, D2H, GPU, GPU_TIER, H2D, RESOURCES, SSD_READ, SSD_TIER, SSD_WRITE, TIERS
 
 PHASES = ("forward", "backward", "update")
+# Each step as the trace names its task: (kind, what it moves), for the profile's measured fixed
+# cost per task (HardwareProfile.task_overheads; forward and backward are qualified by the layer's
+# activation mode instead, an update in the gradient hooks by "fused").
+STEP_TASK = {
+    "w_ssd_read_fwd": ("ssd_read", "w"), "w_ssd_read_bwd": ("ssd_read", "w"), "w_load_fwd": ("load", "w"),
+    "w_load_bwd": ("load", "w"), "forward": ("forward", ""), "ckpt_offload": ("offload", "ckpt"),
+    "ckpt_fetch": ("fetch", "ckpt"), "act_offload": ("offload", "act"), "act_fetch": ("fetch", "act"),
+    "act_ssd_write": ("ssd_write", "act"), "act_ssd_read": ("ssd_read", "act"), "recompute": ("recompute", ""),
+    "backward": ("backward", ""), "compress": ("compress", ""), "grad": ("grad", "grad"), "update": ("update", ""),
+    "writeback": ("writeback", "w"), "w_ssd_write": ("ssd_write", "w"), "opt_ssd_read": ("ssd_read", "opt"),
+    "opt_ssd_write": ("ssd_write", "opt"), "decompress": ("decompress", ""),
+}
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,12 @@ def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool
 
     def add(name: str, res: int, dur: float, nbytes: int, phase: str, count: int) -> None:
         if count > 0:
+            kind, what = STEP_TASK[name]
+            if kind in ("forward", "backward"):
+                what = lp.activations                 # the saved-tensor hooks differ by mode
+            elif kind == "update" and lp.update == "fused":
+                what = "fused"
+            dur += cm.task_overhead_s(kind, RESOURCES[res], i, what)
             steps[name] = Step(res, float(dur), int(nbytes), phase, count)
 
     # ---- forward, per micro-batch ----
