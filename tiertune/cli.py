@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        cpsat = sys.modules.get("tiertune.planner.cpsat")
+        if cpsat is not None and cpsat.STOPPED_BY_CTRL_C.is_set():
+            # OR-Tools aborts the process at exit after a solve stopped part-way ("terminate called
+            # without an active exception", from its C++ clean-up during interpreter shut-down):
+            # our own clean-up has run by now, so leave without the interpreter's.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -27,7 +27,7 @@ from tiertune.planner.estimate import usable_gpu_bytes
 from tiertune.planner.cpsat import groups, layer_choices
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import layer_recipe
-from tiertune.vocab import CPU_TIER, GPU_TIER, LINKS, RESOURCES, SSD_TIER, TIERS
+from tiertune.vocab import GPU_TIER, LINKS, RESOURCES, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
 MIB = float(1 << 20)

@@ -34,17 +34,6 @@ def _add(d: dict, key: str, v: float) -> None:
         d[key] = d.get(key, 0.0) + v
 
 
-def optimizer_params(cm: CostModel, i: int, lp: LayerPlan) -> int:
-    """Parameters the optimizer updates for layer i (d x d per matrix under LSP compression)."""
-    if lp.grad_rank is not None:
-        return cm.compressed_params(i, lp.grad_rank)
-    return cm.layers[i].params
-
-
-def optimizer_state_bytes(cm: CostModel, i: int, lp: LayerPlan) -> int:
-    return cm.optim_state_bytes(i, lp.grad_rank, lp.optimizer_beside_weights)
-
-
 def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4, cpu_checkpointing: bool = False) -> LayerWork:
     """Per-resource work of layer i under decisions lp, by phase: its recipe's tasks (the same
     tasks the engine builds). `overlap`/`fused` updates run during backward, `after` ones after it."""

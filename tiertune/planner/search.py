@@ -3,10 +3,11 @@
 Stages, each recorded as {name, wall_s, iteration_s (engine), improved}; only engine numbers decide:
   seeds        the named baselines in the planner's space and the leanest uniform plan;
   cpsat-counts CP-SAT count model (how many layers of each kind take each choice), placed by rule;
+  cpsat-cycle  CP-SAT model of the steady-state step (planner/cycle.py), hinted with the best so far;
   descent      coordinate descent on those counts;
   depth        the prefetch depth (0-3);
   local        per-layer and pair moves;
-  cpsat-intervals  the CP-SAT interval model of one iteration, seeded with the best schedule;
+  cpsat-cycle-refine  the cyclic model again at the chosen prefetch depth, hinted with the best;
   polish       the plain local search of planner/local.py (`--search local`) from the best so far;
   restarts     iterated local search: a few layers moved at random, polished again, in the time left.
 `plan_from` names the stage (or baseline) whose solution is returned. If nothing fits, InputError
@@ -26,6 +27,7 @@ from tiertune.errors import InputError
 from tiertune.hardware import GiB, HardwareProfile
 from tiertune.planner import cpsat
 from tiertune.planner.bounds import LowerBound, lower_bound
+from tiertune.planner.cycle import solve_cycle
 from tiertune.planner.compression import allowed_ranks, default_ranks
 from tiertune.planner.estimate import cost_model
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
@@ -307,6 +309,22 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, score.depth, min(5.0, 0.1 * time_limit_s),
                                     hint=best or None)
     stage("cpsat-counts", t1, cpsat.place(cm, choices, counts) if counts is not None else None, **_solver_fields(st))
+    # (1a) the cyclic steady-state model over every choice, hinted with the best so far
+    solver: dict = {}
+    engine_vs_solver = None
+    notes: list[str] = list(cap_notes)
+
+    def cycle(name: str, share: float) -> None:
+        nonlocal solver, engine_vs_solver
+        t1 = time.perf_counter()
+        sol, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
+                              min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
+                              nnz_per_row=template.globals.lsp_nnz_per_row)
+        solver = st.to_dict()
+        if sol is not None and st.objective_s:
+            engine_vs_solver = score(sol) / st.objective_s - 1.0
+        stage(name, t1, sol, **_solver_fields(st))
+    cycle("cpsat-cycle", 0.25)
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
     # (1b) a space small enough to enumerate (a few thousand engine runs at most) is enumerated
@@ -315,7 +333,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         stage("enumerate", t1, list(min(itertools.product(choices, repeat=len(cm.layers)), key=score)))
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
-    stage("descent", t1, descend(best, choices, score, groups, t0 + 0.3 * time_limit_s))
+    stage("descent", t1, descend(best, choices, score, groups, t0 + 0.45 * time_limit_s))
     # (3) prefetch depth: how far streamed weights and activations run ahead of their use
     t1 = time.perf_counter()
     by_depth = {}
@@ -326,30 +344,15 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     stage("depth", t1, best, prefetch_depth=score.depth)
     # (4) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
     t1 = time.perf_counter()
-    stage("local", t1, local_search(best, list(range(len(best))), choices, score, t0 + 0.45 * time_limit_s))
-    # (5) the full CP-SAT interval model seeded with the best schedule
-    solver: dict = {}
-    engine_vs_solver = None
-    notes: list[str] = list(cap_notes)
-    remaining = min(deadline - time.perf_counter(), 0.25 * time_limit_s)
-    if remaining > 1.0:
-        t1 = time.perf_counter()
-        # The interval model over every choice for every layer takes longer to build than the whole
-        # time limit on 40+ layers: it reassigns the choices the incumbent uses (a neighbourhood).
-        near = sorted(set(best), key=str)
-        sol, st = cpsat.solve_intervals(cm, near, best, hw.gpu_mem_bytes, remaining,
-                                        template.globals.lsp_nnz_per_row, fallback_seeds=tuple(layers for layers, _ in seeds[:1]))
-        solver = st.to_dict()
-        if sol is not None and st.objective_s:
-            engine_vs_solver = score(sol) / st.objective_s - 1.0
-            if abs(engine_vs_solver) > DISAGREE:
-                what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
-                        else "disagree: the engine finds it does not fit")
-                notes.append(f"engine and CP-SAT {what} on the solver's schedule (CP-SAT: one iteration's "
-                             f"makespan with approximate memory; engine: steady state)")
-        stage("cpsat-intervals", t1, sol, **_solver_fields(st))
-    else:
-        solver = {"status": "skipped (no time left)", "objective_s": None, "bound_s": None, "gap": None, "wall_s": 0.0}
+    stage("local", t1, local_search(best, list(range(len(best))), choices, score, t0 + 0.55 * time_limit_s))
+    # (5) the cyclic model again, at the chosen prefetch depth, hinted with the best schedule
+    if deadline - time.perf_counter() > 1.0:
+        cycle("cpsat-cycle-refine", 0.15)
+    if engine_vs_solver is not None and abs(engine_vs_solver) > DISAGREE:
+        what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
+                else "disagree: the engine finds it does not fit")
+        notes.append(f"engine and CP-SAT {what} on the solver's last schedule (CP-SAT: fixed issue order per "
+                     f"resource and memory floors; engine: priorities and memory as allocated)")
     # (6) the plain local search (planner/local.py, `--search local`) from the best so far, in the
     # time left: every field and the prefetch depth on blocks of layers
     left = deadline - time.perf_counter()
