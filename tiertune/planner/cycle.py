@@ -319,9 +319,10 @@ class CycleModel:
 
 def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] | None, gpu_budget: int,
                 depth: int, time_limit_s: float, host_ckpt: bool = False, nnz_per_row: int = 4,
-                window: int = 8, seed_rng: int = 0) -> tuple[list[LayerPlan] | None, SolverStats]:
+                window: int = 8, seed_rng: int = 0) -> tuple[list[list[LayerPlan]], SolverStats]:
     """The least-period schedule of the cyclic model, hinted with `seed` (its choices are added to
-    `choices` where missing). Returns the decisions (None when nothing was found) and stats.
+    `choices` where missing). Returns the solutions found, each better than the last in the model
+    (the last is its best; the engine, which may rank them otherwise, picks), and stats.
 
     With a seed the model is solved by large-neighbourhood search: the seed's period first
     (`CycleModel.evaluate`: the same rules as longest paths), then repeatedly the model
@@ -341,11 +342,12 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         solver = _solver(max(0.5, deadline - time.perf_counter()))
         st = _solve(solver, model.m)
         if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return None, SolverStats(STATUS.get(st, str(st)), None, None, time.perf_counter() - t0, "cycle", extra)
-        return model.decisions(solver), SolverStats(STATUS[st], solver.objective_value * model.unit,
+            return [], SolverStats(STATUS.get(st, str(st)), None, None, time.perf_counter() - t0, "cycle", extra)
+        return [model.decisions(solver)], SolverStats(STATUS[st], solver.objective_value * model.unit,
                                                     solver.best_objective_bound * model.unit,
                                                     time.perf_counter() - t0, "cycle", extra)
     current = [choices.index(lp) for lp in seed]
+    trail: list[list[LayerPlan]] = []      # every improving incumbent, in order
     best, _ = model.evaluate(current)
     extra["seed_objective_s"] = best * model.unit
     rng = random.Random(seed_rng)
@@ -372,6 +374,7 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
             current = [next(k for k in range(len(choices)) if s.value(model.x[i][k])) for i in range(n)]
             best = model.evaluate(current)[0]
             extra["improvements"] += 1
+            trail.append([choices[k] for k in current])
     wall = time.perf_counter() - t0
     status = "feasible" if extra["improvements"] else "seed"
-    return [choices[k] for k in current], SolverStats(status, best * model.unit, None, wall, "cycle", extra)
+    return trail or [list(seed)], SolverStats(status, best * model.unit, None, wall, "cycle", extra)

@@ -319,12 +319,14 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     def cycle(name: str, share: float) -> None:
         nonlocal solver, engine_vs_solver
         t1 = time.perf_counter()
-        sol, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
-                              min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
-                              nnz_per_row=template.globals.lsp_nnz_per_row)
+        found, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
+                                min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
+                                nnz_per_row=template.globals.lsp_nnz_per_row)
         solver = st.to_dict()
-        if sol is not None and st.objective_s:
-            engine_vs_solver = score(sol) / st.objective_s - 1.0
+        if found and st.objective_s:
+            engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
+        # the model's improving solutions, judged by the engine (the model's best is not always its)
+        sol = min(found, key=score) if found else None
         stage(name, t1, sol, **_solver_fields(st))
     cycle("cpsat-cycle", 0.25)
     if math.isinf(best_s):
