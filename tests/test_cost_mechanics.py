@@ -1,6 +1,6 @@
 """Mechanics the seeds' systems rely on, each checked against a hand computation: LOMO's missing fp32
 master, a chunked cross-entropy, DeepSpeed's fp32 host gradients and CPU activation checkpoints,
-and LSP-Offload's (d, r) chosen per run."""
+LSP-Offload's (d, r) chosen per run, and Fuyou's half-block checkpoints."""
 
 import pytest
 
@@ -10,6 +10,7 @@ from tiertune.planner.estimate import footprint
 from tiertune.planner.policies import DEEPSPEED_HOST_BUFFER_FACTOR, PolicyInfeasible, make_policy
 from tiertune.schedule import LayerPlan, PlanGlobals, uniform_plan
 from tiertune.simulator import simulate
+from tiertune.simulator.builder import build
 from tiertune.simulator.costs import CostModel
 from tiertune.workload import LOSS_CHUNK_TOKENS, TrainSpec, layer_costs, load_model
 
@@ -106,6 +107,7 @@ def test_lsp_projection_size_and_sparsity_are_chosen_per_run():
     dict(globals=PlanGlobals(cpu_checkpointing=True)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", chunked_loss=True)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="bf16", master_weights=False)),
+    dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", checkpoint_halves=True)),
 ])
 def test_settings_the_executor_does_not_run_are_refused_before_it_starts(change):
     from tiertune.executor.run import train_plan
@@ -115,3 +117,42 @@ def test_settings_the_executor_does_not_run_are_refused_before_it_starts(change)
                         LayerPlan()).replace(**change)
     with pytest.raises(InputError, match="simulate-only"):
         train_plan(m, plan, steps=1, progress=False)
+
+
+def test_checkpointing_each_half_of_a_block_keeps_two_inputs_and_recomputes_one_half_at_a_time():
+    # Fuyou (LoHan's gpt_model.py) checkpoints a block's attention and MLP halves separately.
+    # GPT at 16-bit with flash attention, in units of s*b*h bytes (Korthikanti et al. eq. 1):
+    # attention half 2 (LayerNorm input) + 11, plus the fp32 log-sum-exp 4*a*s*b; MLP half 2 + 19.
+    m = load_model("gpt3-13b")
+    t = TrainSpec(batch=4, seq_len=1024, dtype="fp16")
+    s, b, h, a = 1024, 4, m.hidden, m.n_heads
+    sbh = s * b * h
+    whole = layer_costs(m, t)[1]
+    halves = layer_costs(m, t.replace(checkpoint_halves=True))[1]
+    assert whole.act_bytes == halves.act_bytes == 34 * sbh + 4 * a * s * b
+    assert whole.act_checkpoint_bytes == 2 * sbh and whole.act_recompute_bytes == whole.act_bytes
+    assert halves.act_checkpoint_bytes == 4 * sbh                 # block input + mid-block residual
+    assert halves.act_recompute_bytes == 2 * sbh + 21 * sbh       # the MLP half while the block input waits
+    # the task graph allocates that much for a recompute: the half, beyond the checkpoint already there
+    hw = load_hardware("fuyou-4090-12ssd")
+    train = t.replace(checkpoint_halves=True)
+    plan = uniform_plan(m.name, hw.name, train, m.n_layers + 2, LayerPlan(activations="recompute"),
+                        PlanGlobals(iterations=1, gpu_mem_bytes=1 << 50))
+    g = build(m, train, hw, plan, iterations=1)
+    recompute = [t_ for t_ in range(len(g)) if g.kind[t_] == "recompute" and g.layer[t_] == 1]
+    assert [g.alloc[0][t_] for t_ in recompute] == [23 * sbh - 4 * sbh]
+
+
+def test_fuyou_trains_gpt3_175b_at_batch_16_and_not_32_on_its_4090():
+    # Fuyou Fig. 7b: 175B trains at batch 16 on the 24 GB RTX 4090 and runs out of memory at 32.
+    # Whole-block recompute holds 12.8 GiB of one block's activations at batch 16 x 2048 and does
+    # not fit; Fuyou's half-block checkpoints hold at most 8.6 GiB.
+    m, hw = load_model("gpt3-175b"), load_hardware("fuyou-4090-12ssd")
+    train = TrainSpec(batch=16, seq_len=2048)
+    plan = make_policy("fuyou", m, train, hw)
+    assert plan.train.checkpoint_halves and plan.globals.cpu_checkpointing
+    assert simulate(m, plan.train, hw, plan, iterations=1).fits
+    whole = plan.replace(train=plan.train.replace(checkpoint_halves=False))
+    assert not simulate(m, whole.train, hw, whole, iterations=1).fits
+    b32 = make_policy("fuyou", m, train.replace(batch=32), hw)
+    assert not simulate(m, b32.train, hw, b32, iterations=1).fits

@@ -111,6 +111,10 @@ class TrainSpec:
     # each gradient to fp32 on the device, copy it into fp32 partitions in host memory and keep
     # them until the step: 4 bytes per parameter over PCIe and in host memory, not 2).
     fp32_host_grads: bool = False
+    # True: a recomputed block is checkpointed at its attention and its MLP half separately (Fuyou:
+    # LoHan's gpt_model.py wraps each half in its own torch.utils.checkpoint). It keeps two inputs
+    # per block instead of one, and its backward holds one half's activations at a time.
+    checkpoint_halves: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -125,7 +129,7 @@ class TrainSpec:
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
                                  or not 0 < clip < float("inf")):
             raise InputError(f"train.grad_clip must be a positive number or null, got {clip!r}")
-        for f in ("flash_attention", "master_weights", "chunked_loss", "fp32_host_grads"):
+        for f in ("flash_attention", "master_weights", "chunked_loss", "fp32_host_grads", "checkpoint_halves"):
             if not isinstance(getattr(self, f), bool):
                 raise InputError(f"train.{f} must be true or false, got {getattr(self, f)!r}")
 
@@ -181,6 +185,9 @@ class LayerCost:
     fwd_flops: float
     bwd_flops: float
     matrices: tuple[tuple[int, int], ...] = field(default=())   # weight matrices (LSP compression)
+    # Most activation bytes alive at once while the layer is recomputed and backpropagated
+    # (checkpoint included): act_bytes, or less when the recompute works on parts of the layer.
+    act_recompute_bytes: int = 0
 
     @property
     def recompute_flops(self) -> float:
@@ -197,26 +204,32 @@ def optimizer_bytes_per_param(train: TrainSpec) -> int:
     return {"adamw": train.master_bytes + 8, "sgd": train.master_bytes, "adalomo": train.master_bytes}[train.optimizer]
 
 
-def _block_activation_bytes(m: ModelSpec, t: TrainSpec) -> int:
-    """Bytes a block saves for backward.
+def _block_activation_halves(m: ModelSpec, t: TrainSpec) -> tuple[int, int]:
+    """Bytes a block saves for backward: (attention half, MLP half), each with its norm's input.
 
     GPT: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
     eq. 1, no tensor/sequence parallelism): s*b*h*(34 + 5*a*s/h) with 16-bit activations and
-    1-byte dropout masks, generalised here to element size e. Llama: the same bookkeeping for
-    RMSNorm/RoPE/SwiGLU and no dropout (6e*sbh + 2e*sbh*kv/a + 4e*sbf). With memory-efficient
-    attention the a*s^2*b score terms are replaced by the fp32 log-sum-exp (4*a*s*b).
+    1-byte dropout masks, generalised here to element size e: attention 11sbh + 5as^2b, MLP 19sbh,
+    each LayerNorm's input 2sbh. Llama: the same bookkeeping for RMSNorm/RoPE/SwiGLU and no
+    dropout: attention 4e*sbh + 2e*sbh*kv/a (norm input, q/k/v input, q, attention output; k, v),
+    MLP 2e*sbh + 4e*sbf (norm input, gate/up input; gate, up, activation, product). With
+    memory-efficient attention the a*s^2*b score terms are replaced by the fp32 log-sum-exp (4*a*s*b).
     """
     s, b, h, a, f, e = t.seq_len, t.batch, m.hidden, m.n_heads, m.ffn_hidden, t.elem_bytes
     sbh = s * b * h
     if m.arch == "gpt":
         attn_core = 4 * a * s * b if t.flash_attention else (2 * e + 1) * a * s * s * b
-        attention = 5 * e * sbh + sbh + attn_core       # 11sbh + 5as^2b at e=2
-        mlp = e * sbh + 2 * e * s * b * f + sbh          # 19sbh at e=2, f=4h
-        norms = 2 * e * sbh                              # 4sbh at e=2
-        return attention + mlp + norms
+        attention = e * sbh + 5 * e * sbh + sbh + attn_core    # 2sbh + 11sbh + 5as^2b at e=2
+        mlp = e * sbh + e * sbh + 2 * e * s * b * f + sbh       # 2sbh + 19sbh at e=2, f=4h
+        return attention, mlp
     kv_frac = m.n_kv_heads / m.n_heads
     attn_core = 4 * a * s * b if t.flash_attention else e * a * s * s * b
-    return int(6 * e * sbh + 2 * e * sbh * kv_frac + 4 * e * s * b * f + attn_core)
+    return int(4 * e * sbh + 2 * e * sbh * kv_frac + attn_core), 2 * e * sbh + 4 * e * s * b * f
+
+
+def _block_activation_bytes(m: ModelSpec, t: TrainSpec) -> int:
+    """Bytes a block saves for backward (both halves, `_block_activation_halves`)."""
+    return sum(_block_activation_halves(m, t))
 
 
 def layer_costs(m: ModelSpec, t: TrainSpec) -> list[LayerCost]:
@@ -234,20 +247,26 @@ def layer_costs(m: ModelSpec, t: TrainSpec) -> list[LayerCost]:
             n += 4 * sum(o + i for o, i in mats) + 4 * (params - sum(o * i for o, i in mats))
         return n
 
-    def cost(index, name, kind, params, act, ckpt, fwd, mats):
+    def cost(index, name, kind, params, act, ckpt, fwd, mats, live=None):
         return LayerCost(index=index, name=name, kind=kind, params=params, weight_bytes=params * e,
                          grad_bytes=params * e, optim_bytes=optim_bytes(params, mats), act_bytes=act,
                          act_checkpoint_bytes=ckpt, fwd_flops=fwd, bwd_flops=2 * fwd if kind != "embed" else 0.0,
-                         matrices=mats)
+                         matrices=mats, act_recompute_bytes=act if live is None else live)
 
     out = [cost(0, "embed", "embed", m.embed_params(), 8 * s * b, 8 * s * b, 0.0, ())]
     mats = m.block_matrices()
     matmul_params = sum(o * i for o, i in mats)
     # Narayanan et al. 2021: 2 FLOPs per multiply-add; attention scores + weighted sum 4*b*s^2*h.
     block_fwd = 2.0 * tokens * matmul_params + 4.0 * b * s * s * h
-    act = _block_activation_bytes(m, t)
+    attn_act, mlp_act = _block_activation_halves(m, t)
+    act, ckpt, live = attn_act + mlp_act, e * s * b * h, attn_act + mlp_act
+    if t.checkpoint_halves:
+        # Checkpoints: the block's input and the residual between the halves (each half's norm
+        # input). Backward recomputes the MLP half while the block input waits, then the attention
+        # half: at most one half is alive, plus the other's checkpoint.
+        ckpt, live = 2 * e * s * b * h, max(e * s * b * h + mlp_act, attn_act)
     for i in range(m.n_layers):
-        out.append(cost(i + 1, f"block{i}", "block", m.block_params(), act, e * s * b * h, block_fwd, mats))
+        out.append(cost(i + 1, f"block{i}", "block", m.block_params(), act, ckpt, block_fwd, mats, live))
     head_mats = ((m.vocab_size, m.hidden),)
     # final-norm input + head input (e each) + logits in e and their fp32 log-softmax for the loss;
     # a chunked loss keeps one chunk's logits and an fp32 log-sum-exp per token instead.

@@ -125,6 +125,7 @@ class Executor:
         unsupported = [name for name, on in (
             ("global.cpu_checkpointing", plan.globals.cpu_checkpointing),
             ("train.chunked_loss", plan.train.chunked_loss),
+            ("train.checkpoint_halves", plan.train.checkpoint_halves),
             ("train.master_weights false with a 16-bit dtype", not plan.train.master_weights and plan.train.dtype != "fp32"),
         ) if on]
         if unsupported:

@@ -147,15 +147,19 @@ def fuyou(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     Activations: ranked by FLOPs per byte (recomputing those costs the most per byte saved), swapped in
     that order while the estimated swap time stays under swap_ratio x forward time and the device
     has room to bring them back; swapped activations fill host memory first and overflow to the
-    SSD; the rest are recomputed, their checkpoints in host memory when the device cannot hold them.
+    SSD; the rest are recomputed, their checkpoints in host memory and each block checkpointed at
+    its attention and MLP halves when the device cannot hold whole-block checkpoints.
     """
     cm = cost_model(model, train, hw)
     base = LayerPlan(params="ssd", optimizer="ssd", update="overlap", activations="recompute")
     n = model.n_layers + 2
     plan = _uniform(model, train, hw, base, "fuyou")
     if overflow(cm, plan) is not None:
-        # The released code keeps every recomputed block's checkpoint in host memory (save_on_cpu);
-        # we do so when the device cannot hold them (the executor does not run that setting yet).
+        # The released code (RC4ML/LoHan gpt_model.py) checkpoints the attention and the MLP half of
+        # each block separately and keeps the checkpoints in host memory (save_on_cpu); we do both
+        # when the device cannot hold the checkpoints (the executor does not run them yet).
+        train = train.replace(checkpoint_halves=True)
+        cm = cost_model(model, train, hw)
         plan = _uniform(model, train, hw, base, "fuyou", cpu_checkpointing=True)
     fwd_total = sum(cm.forward_s(i) for i in range(n))
     need = footprint(cm, plan)

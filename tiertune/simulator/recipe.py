@@ -135,7 +135,10 @@ def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool
     c = cm.layers[i]
     n = len(cm.layers)
     accum = cm.train.grad_accum
-    wb, act, grad = c.weight_bytes, c.act_bytes, c.grad_bytes
+    # A recomputed layer holds at most act_recompute_bytes at once (less than act_bytes when it is
+    # checkpointed in parts, TrainSpec.checkpoint_halves); a kept or swapped one holds all of them.
+    wb, grad = c.weight_bytes, c.grad_bytes
+    act = c.act_recompute_bytes if lp.activations == "recompute" else c.act_bytes
     ckpt = min(c.act_checkpoint_bytes, act)
     rank = lp.grad_rank
     opt_bytes = cm.optim_state_bytes(i, rank, lp.optimizer_beside_weights)
