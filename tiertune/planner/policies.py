@@ -219,7 +219,14 @@ def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, d: int 
 def megatrain(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     """MegaTrain (arXiv 2604.05091): host memory holds weights, gradients and Adam moments; every layer
     is streamed through two GPU buffers (prefetch_depth 1 = double buffering), backward recomputes
-    block-locally, and CPU Adam consumes gradients as they stream back (update='overlap')."""
+    block-locally, and CPU Adam consumes gradients as they stream back (update='overlap').
+
+    Host bytes per parameter: ours are 14 (16-bit weights, fp32 master, fp32 m and v). MegaTrain's
+    released code (DLYuanGod/MegaTrain: examples/sft/train.py, infinity/model/cpu_master.py) also
+    holds 14, made differently: the model loaded in bf16 and updated in place by DeepSpeed's CPU
+    Adam (fp32 m and v, no fp32 master), a pinned bf16 copy of every layer for single-GPU runs,
+    and bf16 CPU gradients. Its resource calculator (scripts/calc_resource.py) counts 12 (fp32
+    master + m + v), the figure under which 120B fits a 1.5 TB host; at 14 it needs 1.68 TB."""
     return _uniform(model, train, hw, LayerPlan(params="cpu", optimizer="cpu", update="overlap",
                                                 activations="recompute"), "megatrain", prefetch_depth=1)
 
