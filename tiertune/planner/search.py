@@ -248,7 +248,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
                   grad_ranks: tuple[int, ...] = (), baselines: list[Baseline] | None = None,
                   choices: list[LayerPlan] | None = None,
                   max_compression_error: float | None = None,
-                  log: Callable[[str], None] | None = None) -> PlanResult:
+                  log: Callable[[str], None] | None = None, cpu_checkpointing: bool = False) -> PlanResult:
     """Search a per-layer schedule; return the best engine-verified plan with provenance.
     `choices` narrows the per-layer options (default: every option the training settings allow).
     `grad_ranks`: LSP ranks each layer may use; `max_compression_error` drops those whose estimated
@@ -274,8 +274,20 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     base = baselines if baselines is not None else run_baselines(model, train, hw)
     lower = lower_bound(model, train, hw, grad_ranks=grad_ranks)
     same = [b for b in base if b.comparable(train, grad_ranks)]
+    if not same and not _fits(model, train, hw, grad_ranks, choices):
+        # Nothing in the planner's space fits these settings, but a baseline fits with execution
+        # mechanics that change no number (half-block checkpoints, a chunked loss; Fuyou uses both):
+        # plan in that baseline's settings, with its host checkpoints, and say so.
+        for b in sorted(base, key=lambda b: b.iteration_s):
+            if b.fits and b.name != "ideal" and _mechanics_only(b.plan.train, train) and b.plan.lossless:
+                res = plan_schedule(model, b.plan.train, hw, time_limit_s - (time.perf_counter() - t0), grad_ranks,
+                                    base, choices, max_compression_error, log, b.plan.globals.cpu_checkpointing)
+                res.notes.insert(0, f"nothing fits the given settings; planned with {b.name}'s "
+                                    f"{_mechanics_diff(b.plan.train, train)} (simulated; the executor does not run them)")
+                return res
     template = Plan(model=model.name, hardware=hw.name, train=train, layers=(LayerPlan(),) * len(cm.layers),
-                    globals=PlanGlobals(prefetch_depth=1, max_compression_error=max_compression_error),
+                    globals=PlanGlobals(prefetch_depth=1, max_compression_error=max_compression_error,
+                                        cpu_checkpointing=cpu_checkpointing),
                     provenance={})
     score = _Scorer(model, train, hw, template)
     allowed = set(choices).__contains__ if choices is not None else None     # the caller narrowed the space
@@ -321,7 +333,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         t1 = time.perf_counter()
         found, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
                                 min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
-                                nnz_per_row=template.globals.lsp_nnz_per_row)
+                                host_ckpt=cpu_checkpointing, nnz_per_row=template.globals.lsp_nnz_per_row)
         solver = st.to_dict()
         if found and st.objective_s:
             engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
@@ -413,6 +425,23 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     return PlanResult(plan=plan, sim=sim, lower=lower, baselines=base, solver=solver, stages=stages,
                       engine_vs_solver=engine_vs_solver, notes=notes, wall_s=wall, evaluations=len(score.cache),
                       grad_ranks=tuple(grad_ranks), plan_from=best_from)
+
+
+# TrainSpec fields that change how a step runs, not what it computes
+MECHANICS = ("chunked_loss", "checkpoint_halves")
+
+
+def _mechanics_only(other: TrainSpec, train: TrainSpec) -> bool:
+    return other != train and other.replace(**{f: getattr(train, f) for f in MECHANICS}) == train
+
+
+def _mechanics_diff(other: TrainSpec, train: TrainSpec) -> str:
+    return ", ".join(f"{f}={getattr(other, f)}" for f in MECHANICS if getattr(other, f) != getattr(train, f))
+
+
+def _fits(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, grad_ranks, choices) -> bool:
+    """The leanest uniform plan of the planner's space fits (the search then has a start)."""
+    return simulate(model, train, hw, lean_start(model, train, hw, grad_ranks, choices)).fits
 
 
 def _solver_fields(st) -> dict:
