@@ -147,11 +147,16 @@ def plan_local(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_lim
     """`plan --search local`: the local search from the fastest fitting baseline in the planner's
     space (else the leanest uniform plan), as a PlanResult like the planner's."""
     from tiertune.planner.bounds import lower_bound
-    from tiertune.planner.search import PlanResult, lean_start, run_baselines
+    from tiertune.planner.search import PlanResult, _fits, _mechanics_only, lean_start, run_baselines
 
     t0 = time.perf_counter()
     base = run_baselines(model, train, hw)
     same = sorted((b for b in base if b.comparable(train, grad_ranks)), key=lambda b: b.iteration_s)
+    if not same and not _fits(model, train, hw, grad_ranks, None):
+        # as the planner does: the settings of a lossless baseline that fits with mechanics only
+        same = sorted((b for b in base if b.fits and b.name != "ideal" and b.plan.lossless
+                       and _mechanics_only(b.plan.train, train)), key=lambda b: b.iteration_s)[:1]
+        train = same[0].plan.train if same else train
     if same:
         start, origin = same[0].plan, f"baseline {same[0].name}"
     else:
