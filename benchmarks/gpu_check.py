@@ -69,8 +69,8 @@ def check(device: str, toy: bool, offload_dir: str) -> dict:
     def do_calibrate():
         hw, _ = calibrate(device, quick=toy, offload_dir=offload_dir, progress=False)
         state["hw"] = hw
-        return {"profile": hw.summary(), "task_overhead_us": hw.gpu_task_overhead_s * 1e6,
-                "backward_factor": hw.backward_factor}
+        return {"profile": hw.summary(), "backward_factor": hw.backward_factor,
+                "task_overheads_us": {k: {lk: v * 1e6 for lk, v in row.items()} for k, row in hw.task_overheads.items()}}
 
     def do_execute():
         hw = state["hw"]

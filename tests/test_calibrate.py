@@ -337,3 +337,66 @@ def test_a_bad_task_overhead_table_is_one_clear_error(tmp_path, capsys, table, w
     rc = main(["simulate", "--model", "tiny-llama", "--policy", "gpu-only", "--hardware", str(path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_the_probe_finds_the_per_task_costs_of_a_runtime_that_has_them():
+    """What the probe measures less what the cost model charges for a task of the probe's size is
+    the runtime's fixed cost of that task: on a 'runtime' that is the simulator with a known table,
+    every row the probe plans exercise comes back, for every layer kind, with the hand-off to a
+    worker thread added to the rows of the tasks worker threads run."""
+    from tiertune.simulator import simulate
+    from tiertune.traces.calibrate import PROBE_MODEL, PROBE_TRAIN, probe_overheads
+
+    base = load_hardware("lsp-4090").replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0)
+    rows = ("forward.gpu.keep", "forward.gpu.recompute", "backward.gpu.cpu", "recompute.gpu", "update.gpu",
+            "update.gpu.fused", "update.cpu", "grad.d2h.grad", "load.h2d.w", "offload.d2h.act", "fetch.h2d.act",
+            "writeback.h2d.w", "writeback.d2h.w", "ssd_read.ssd_read.opt", "ssd_write.ssd_write.act")
+    truth = {key: {"embed": 1e-4 * (k + 1), "block": 1e-3 * (k + 1), "head": 5e-4 * (k + 1)}
+             for k, key in enumerate(rows)}
+    runtime = base.replace(task_overheads=truth)
+    handoff = 3e-5                        # charged to every task a worker thread runs
+    found = probe_overheads(base, lambda plan: simulate(PROBE_MODEL, PROBE_TRAIN, runtime, plan, iterations=3).trace,
+                            handoff)
+    for key, row in truth.items():
+        extra = 0.0 if key.split(".")[1] == "gpu" else handoff
+        assert found[key] == pytest.approx({lk: v + extra for lk, v in row.items()}, rel=1e-6, abs=1e-9), key
+    for key, row in found.items():
+        if key not in truth:
+            assert all(v == pytest.approx(0.0 if key.split(".")[1] == "gpu" else handoff, abs=1e-9)
+                       for v in row.values()), key
+
+
+def test_quick_calibration_measures_every_kind_of_task_the_executor_runs(quick_profile):
+    """The executor's own fixed cost of each kind of task, per layer kind; the per-layer task and
+    update overheads are folded into that table (0 apart from it)."""
+    hw = load_hardware(str(quick_profile))
+    for key in ("forward.gpu.keep", "backward.gpu.keep", "forward.gpu.cpu", "forward.gpu.recompute", "recompute.gpu",
+                "update.gpu", "update.gpu.fused", "update.cpu", "grad.d2h.grad", "load.h2d.w", "writeback.h2d.w",
+                "writeback.d2h.w", "offload.d2h.act", "fetch.h2d.act", "ssd_read.ssd_read.w", "ssd_read.ssd_read.opt",
+                "ssd_read.ssd_read.act", "ssd_write.ssd_write.w", "ssd_write.ssd_write.opt", "ssd_write.ssd_write.act"):
+        assert set(hw.task_overheads[key]) == {"embed", "block", "head"}, key
+        assert all(0 <= v < 1.0 for v in hw.task_overheads[key].values()), key
+    assert hw.task_overheads["forward.gpu.keep"]["block"] > 0        # Python runs every op of a block
+    assert hw.gpu_task_overhead_s == 0 and hw.update_overhead_s == 0
+
+
+def test_a_fit_leaves_the_per_task_costs_to_the_table_and_refits_the_rest():
+    """A simulated run on a profile with a per-task table and a slower peak and CPU optimizer: the
+    fit takes each task's fixed cost off before fitting, so it recovers the peak and the optimizer's
+    rate and finds no extra intercept, instead of folding the table into the constants."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.workload import TrainSpec, load_model
+
+    m, t = load_model("small-llama"), TrainSpec(batch=4, seq_len=64, dtype="fp32")
+    table = {"forward.gpu": {"embed": 2e-4, "block": 2e-3, "head": 6e-4}, "backward.gpu": {"block": 3e-3},
+             "update.cpu": {"embed": 4e-4, "block": 2e-3, "head": 5e-4}, "grad.d2h.grad": {"block": 2e-4}}
+    base = load_hardware("lsp-4090").replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0, task_overheads=table)
+    truth = base.replace(gpu_flops=dict(base.gpu_flops, fp32=base.gpu_flops["fp32"] / 3),
+                         cpu_adam_params_per_s=base.cpu_adam_params_per_s / 2)
+    plan = make_policy("zero-offload", m, t, base)
+    fit = fit_profile(simulate(m, plan.train, truth, plan, iterations=3).trace, base).profile
+    assert fit.gpu_flops["fp32"] == pytest.approx(truth.gpu_flops["fp32"], rel=1e-3)
+    assert fit.cpu_adam_params_per_s == pytest.approx(truth.cpu_adam_params_per_s, rel=1e-3)
+    assert fit.gpu_task_overhead_s == pytest.approx(0.0, abs=1e-7)
+    assert fit.task_overheads == table

@@ -7,7 +7,13 @@ measured size-dependent efficiency tables (Calculon's form) besides the peaks:
 - host<->device copies (pinned and pageable) from 64 KiB to 256 MiB;
 - device memory bandwidth (a large elementwise add);
 - SSD read/write under an offload directory, with the page cache bypassed (O_DIRECT) or dropped;
-- CPU AdamW / SGD throughput in params/s of the executor's own per-parameter update.
+- CPU AdamW / SGD throughput in params/s of the executor's own per-parameter update;
+- the runtime's fixed cost of every kind of task (HardwareProfile.task_overheads): the executor
+  itself, its copy engines, hooks and SSD store, running a model too small for its arithmetic or
+  bytes to count, under plans that between them run every kind of task (`probe_overheads`).
+  Without it a fresh profile predicted every task of a small model 60-95% short on a CPU standing
+  in for the GPU: Python issuing each op and each copy, and the hand-offs between threads, cost more
+  there than the arithmetic.
 
 With `device="cpu"` the CPU plays the GPU: "copies" are host memcpys between two buffers through
 the same `copy_` call, and there is no pinned memory. The profile's description says so, and
@@ -29,10 +35,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.hardware import CUDA_CONTEXT_BYTES, GiB, Curve, HardwareProfile
+from tiertune.schedule import LayerPlan, Plan
 from tiertune.simulator.costs import COPY_LATENCY_S, SSD_LATENCY_S
+from tiertune.traces.trace import Trace, own_durations
+from tiertune.workload import ModelSpec, TrainSpec, layer_costs
 
 KiB, MiB = 1 << 10, 1 << 20
 ALIGN = 4096                      # O_DIRECT needs buffers, offsets and lengths aligned to the block size
@@ -49,6 +59,7 @@ class Settings:
     membw_bytes: int
     ssd_sizes: tuple[int, ...]
     optim_params: int
+    probe_steps: int              # steady steps of each probe plan (the runtime's per-task costs)
     repeats: int
     call_budget_s: float          # skip a benchmark size whose single call would take longer
 
@@ -60,12 +71,12 @@ def settings_for(device: str, quick: bool) -> Settings:
         # run at. Smaller sizes alone leave the peak to a cache-resident matmul and copy, and the
         # simulator then misjudged layer times by 10-20% in either direction (bench_fidelity.py).
         return Settings(hiddens=(128, 256, 512), tokens=256, copy_sizes=pow2(16, 25, 3), membw_bytes=64 * MiB,
-                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, repeats=3, call_budget_s=0.05)
+                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, probe_steps=8, repeats=3, call_budget_s=0.05)
     gpu = device == "cuda"
     return Settings(hiddens=(1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048),
                     tokens=4096 if gpu else 512, copy_sizes=pow2(16, 28), membw_bytes=(1 << 30) if gpu else 256 * MiB,
                     ssd_sizes=(256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
-                    optim_params=16 << 20, repeats=5, call_budget_s=1.0)
+                    optim_params=16 << 20, probe_steps=12, repeats=5, call_budget_s=1.0)
 
 
 @dataclass
@@ -80,8 +91,10 @@ class Measurements:
     ssd_duplex: bool = False        # a read and a write on two threads overlap
     adam_params_per_s: float = 0.0
     sgd_params_per_s: float = 0.0
-    task_overhead_s: float = 0.0        # one tiny layer's forward: dispatch, not arithmetic
-    update_overhead_s: float = 0.0      # one tiny layer's optimizer update
+    # the executor's fixed cost per task: {"<kind>.<resource>[.<what>]": {layer kind: seconds}}
+    task_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
+    probe_steps: int = 0                # steady steps each probe plan ran
+    handoff_s: float = 0.0              # one hand-off to or from a worker thread
     notes: list[str] = field(default_factory=list)
 
 
@@ -287,36 +300,146 @@ class Bench:
         self.m.notes.append(f"CPU adamw/sgd: the executor's per-parameter update on {torch.get_num_threads()} threads")
 
 
-    def overheads(self) -> None:
-        """The fixed costs the cost model adds per layer task and per layer update, measured on a
-        layer so small (tiny-llama's block, 1 x 8 tokens) that its arithmetic is negligible:
-        a forward with autograd recording (as the executor runs it) and the executor's AdamW
-        update of that layer's parameters, parameter by parameter."""
-        from tiertune.executor.models import build_model
-        from tiertune.executor.updates import OptimConfig, state_shapes
-        from tiertune.executor.updates import step as optim_step
-        from tiertune.workload import load_model
-
-        torch = self.torch
-        block = build_model(load_model("tiny-llama"), 0)[1].to(self.device)
-        x = torch.randn(1, 8, block_hidden(block), device=self.device)
-        self.m.task_overhead_s = self.time(lambda: block(x), budget_s=1.0)
-        cfg = OptimConfig(name="adamw", lr=1e-4)
-        params = [p.detach().clone() for p in block.parameters()]
-        grads = [torch.randn_like(p) for p in params]
-        states = [{k: torch.zeros(sh, device=self.device) for k, sh in state_shapes(cfg, p.shape).items()} for p in params]
-        counter = iter(range(1, 1 << 30))
-
-        def update() -> None:
-            t = next(counter)
-            for p, g, st in zip(params, grads, states):
-                optim_step(cfg, t, p, g, st)
-        self.m.update_overhead_s = self.time(update, budget_s=1.0)
+    def overheads(self, base: HardwareProfile, offload_dir: Path) -> None:
+        """The runtime's fixed cost per task (HardwareProfile.task_overheads), see probe_overheads."""
+        self.m.handoff_s = handoff_s(self.device)
+        self.m.task_overheads = probe_overheads(base, executor_probe(offload_dir, self.s.probe_steps, self.device),
+                                                self.m.handoff_s)
+        self.m.probe_steps = self.s.probe_steps
+        self.m.notes.append(f"per-task fixed costs: the executor on a {PROBE_MODEL.hidden}-wide "
+                            f"{PROBE_MODEL.n_layers}-block {PROBE_MODEL.arch}, {len(PROBE_PLANS)} plans, "
+                            f"{self.s.probe_steps} steps each")
 
 
-def block_hidden(block) -> int:
-    """The hidden size a built-in block takes (its first parameter's last dimension)."""
-    return next(block.parameters()).shape[-1]
+# --- the runtime's fixed cost per task -------------------------------------------------------------------
+# A Llama so small (2 blocks 32 wide, a byte vocabulary, one sequence of 8 tokens) that its arithmetic
+# and bytes cost next to nothing: what each of its tasks takes in the executor, less the little the
+# cost model charges for its size, is the runtime's own cost of that kind of task (Python issuing it,
+# saved-tensor and gradient hooks, the SSD store's file calls), which no run of a real model can
+# tell apart from the arithmetic.
+PROBE_MODEL = ModelSpec(name="probe-llama", arch="llama", vocab_size=256, hidden=32, n_layers=2, n_heads=2,
+                        n_kv_heads=1, ffn_hidden=64, max_seq_len=8)
+PROBE_TRAIN = TrainSpec(batch=1, seq_len=8, dtype="fp32", optimizer="adamw")
+# Between them the executor's every kind of task, on each of its paths.
+PROBE_PLANS = (
+    LayerPlan(),                                                           # compute, device update
+    LayerPlan(activations="recompute", update="fused"),                    # recompute, hook updates (LOMO)
+    LayerPlan(optimizer="cpu"),                                            # grad, host update, writeback h2d
+    LayerPlan(params="cpu", optimizer="cpu", activations="cpu", update="overlap"),   # load, offload, fetch
+    LayerPlan(params="cpu", optimizer="gpu"),                              # writeback d2h
+    LayerPlan(params="ssd", optimizer="ssd", activations="ssd", update="overlap"),   # SSD reads and writes
+)
+
+
+def task_key(kind: str, resource: str, what: str) -> str:
+    return f"{kind}.{resource}.{what}" if what else f"{kind}.{resource}"
+
+
+def _probe_tasks(trace: Trace, plan: Plan, kinds: list[str]) -> pd.DataFrame:
+    """Per kind of task (key, see HardwareProfile.task_overheads) and layer kind: the mean seconds
+    of one task over a trace's steady iterations. The executor records an update in the gradient
+    hooks per parameter and the simulator one per layer: there, the mean per parameter times the
+    parameters per layer. Means, not medians: what adds up to a step's expected time is each task's
+    expected time, and on a machine shared with other work that includes the time slices a task
+    now and then waits out (the two agree on a quiet machine)."""
+    from tiertune.traces.fit import task_whats
+
+    ev = trace.steady_events()
+    what = task_whats(ev, plan)
+    ev = ev.assign(d=own_durations(ev), key=[task_key(k, r, w) for k, r, w in zip(ev["kind"], ev["resource"], what)],
+                   layer_kind=[kinds[int(i)] for i in ev["layer"]])
+    per = ev.groupby(["key", "layer_kind"])["d"].mean()
+    per_layer = ev.groupby(["key", "layer_kind", "layer", "iteration"]).size().groupby(["key", "layer_kind"]).median()
+    many = per.index.get_level_values("key").str.endswith(".fused")
+    return (per * per_layer.where(many, 1.0)).rename("d").reset_index()
+
+
+# The device thread's own tasks: the time it spends between them (issuing the next layer's work,
+# releasing the last one's) is charged to them.
+ISSUED_BY_DEVICE = ("forward.gpu", "backward.gpu", "recompute.gpu", "update.gpu", "compress.gpu", "decompress.gpu")
+
+
+def issue_gap_s(trace: Trace) -> float:
+    """The device thread's time between its tasks, per task: over each steady iteration, the time
+    from its first device task to the next iteration's less the device tasks' own time, divided by
+    their number (mean over iterations). In a plan where it never waits for a copy, this is the
+    Python that issues and retires each task outside its timed region."""
+    ev = trace.events[trace.events["resource"] == "gpu"]
+    ev = ev.assign(d=own_durations(ev))
+    by_it = ev.groupby("iteration").agg(start=("start_s", "min"), busy=("d", "sum"), n=("d", "size")).sort_index()
+    span = by_it["start"].diff().shift(-1)
+    gaps = ((span - by_it["busy"]) / by_it["n"]).iloc[1:-1].dropna()
+    return max(float(gaps.mean()), 0.0) if len(gaps) else 0.0
+
+
+def handoff_s(device: str, repeats: int = 60, budget_s: float = 0.5) -> float:
+    """One hand-off between the device thread and one of the executor's worker threads: half the
+    round trip of an empty job submitted to an Engine (tiertune.executor.device) and waited for,
+    at the GIL switch interval the executor steps with (mean). Every task a worker thread runs is
+    handed to it and its result handed on, and a task's recorded time starts after the first."""
+    import torch
+
+    from tiertune.executor.device import Engine, Recorder
+    from tiertune.executor.runtime import SWITCH_INTERVAL_S
+
+    eng = Engine("h2d", Recorder(cuda=False), torch.device(device))
+    prev = sys.getswitchinterval()
+    sys.setswitchinterval(min(prev, SWITCH_INTERVAL_S))
+    try:
+        times: list[float] = []
+        end = time.perf_counter() + budget_s
+        for k in range(repeats + 5):
+            t0 = time.perf_counter()
+            eng.submit(lambda: None, "load", 0, 0).result()
+            if k >= 5:
+                times.append(time.perf_counter() - t0)
+            if t0 > end and len(times) >= 5:
+                break
+    finally:
+        sys.setswitchinterval(prev)
+        eng.close()
+    return float(np.mean(times)) / 2
+
+
+def probe_overheads(base: HardwareProfile, run: Callable[[Plan], Trace], handoff: float = 0.0) -> dict[str, dict[str, float]]:
+    """Run each probe plan (`run`: the executor, `executor_probe`) and take, per kind of task and
+    layer kind, the mean measured duration less the mean the cost model of `base` predicts for
+    the same task (its per-task terms set to 0): the fixed cost the size-dependent terms do not
+    charge. Negative differences (noise around a cost the model already charges) are 0. The device
+    thread's time between its tasks in the first plan (everything resident: it never waits for a
+    copy) is added to each of its tasks (issue_gap_s), and `handoff` (handoff_s) to each task a
+    worker thread runs."""
+    from tiertune.simulator import simulate
+
+    bare = base.replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0, task_overheads={}, contention={})
+    kinds = [c.kind for c in layer_costs(PROBE_MODEL, PROBE_TRAIN)]
+    measured, predicted = [], []
+    gap = 0.0
+    for k, lp in enumerate(PROBE_PLANS):
+        plan = Plan(model=PROBE_MODEL.name, hardware="probe", train=PROBE_TRAIN, layers=(lp,) * len(kinds))
+        trace = run(plan)
+        if k == 0:
+            gap = issue_gap_s(trace)
+        measured.append(_probe_tasks(trace, plan, kinds))
+        predicted.append(_probe_tasks(simulate(PROBE_MODEL, PROBE_TRAIN, bare, plan, iterations=2).trace, plan, kinds))
+    meas = pd.concat(measured).groupby(["key", "layer_kind"])["d"].mean()   # over the plans that run it
+    pred = pd.concat(predicted).groupby(["key", "layer_kind"])["d"].mean()
+    out: dict[str, dict[str, float]] = {}
+    for (key, lk), d in meas.items():
+        device = key.split(".")[1] == "gpu"
+        issued = (gap if key.startswith(ISSUED_BY_DEVICE) and not key.endswith(".fused") else 0.0) if device else handoff
+        out.setdefault(key, {})[lk] = round(max(float(d) - float(pred.get((key, lk), 0.0)), 0.0) + issued, 9)
+    return out
+
+
+def executor_probe(offload_dir: Path, steps: int, device: str = "cpu") -> Callable[[Plan], Trace]:
+    """A probe plan run for real: `steps` steady steps after one warm-up, SSD state under offload_dir."""
+    from tiertune.executor.run import train_plan
+
+    def run(plan: Plan) -> Trace:
+        return train_plan(PROBE_MODEL, plan, steps + 1, device=device, offload_dir=offload_dir, seed=0,
+                          progress=False).trace
+    return run
 
 
 # --- SSD ------------------------------------------------------------------------------------------------
@@ -454,7 +577,7 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
     bench = Bench(device, s)
     m = bench.m
     dtypes = bench.dtypes()
-    steps = len(dtypes) + len(s.copy_sizes) * (2 if device == "cuda" else 1) + 1 + len(s.ssd_sizes) + 1
+    steps = len(dtypes) + len(s.copy_sizes) * (2 if device == "cuda" else 1) + 1 + len(s.ssd_sizes) + 2
     with tqdm(total=steps, desc="calibrate", file=sys.stderr, disable=not progress, leave=False) as bar:
         for dt in dtypes:
             bar.set_postfix_str(f"matmul {dt}")
@@ -473,11 +596,16 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
             for _ in ssd_bench(where, s.ssd_sizes, s.repeats, m):
                 bar.update()
             ssd_capacity = shutil.disk_usage(where).free
-        bar.set_postfix_str("cpu optimizers")
-        bench.optimizers()
-        bench.overheads()
-        bar.update()
-    return build_profile(m, device, duplex, ssd_capacity, device_mem_gib, name, bench), m
+            bar.set_postfix_str("cpu optimizers")
+            bench.optimizers()
+            bar.update()
+            bar.set_postfix_str("per-task costs")
+            profile = build_profile(m, device, duplex, ssd_capacity, device_mem_gib, name, bench)
+            bench.overheads(profile, where)
+            bar.update()
+    # The probe measured every task's fixed cost, the per-layer task and update overheads included.
+    return profile.replace(task_overheads=m.task_overheads, gpu_task_overhead_s=0.0, update_overhead_s=0.0,
+                           description=_plain(profile.description + "; " + m.notes[-1])), m
 
 
 def _plain(text: str) -> str:
@@ -536,8 +664,6 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         gpu_flops=peaks,
         matmul_efficiency=matmul_eff,
         gpu_reserve_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,   # a CUDA context; none on a CPU
-        gpu_task_overhead_s=m.task_overhead_s,
-        update_overhead_s=m.update_overhead_s,
         h2d_bps=h2d_bps, d2h_bps=d2h_bps, pcie_duplex=duplex,
         pageable_factor=round(min(max(pageable, 0.01), 1.0), 4),
         pcie_efficiency=pcie_eff,

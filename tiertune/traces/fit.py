@@ -33,6 +33,11 @@ the durations of the trace's tasks, grouped by resource and task kind:
   same trace). A task runs at 1 / (1 + c_s) of its speed while s is busy, as the engine does.
   With too few events that ran alone, every event fits the constants and no factor is fitted.
 
+- per-task fixed costs (HardwareProfile.task_overheads, which `tiertune calibrate` measures on the
+  runtime itself) are not refit: they are taken off every event's duration first, so the constants
+  above fit what is left (the part that grows with FLOPs, bytes and parameters), and the fitted
+  intercepts are what the table does not already charge.
+
 Residuals are relative (each row divided by its duration), so small tasks count as much as big
 ones. A group with fewer than `min_events` events is skipped, and the table says so.
 """
@@ -106,6 +111,51 @@ def nonneg_lstsq(X: np.ndarray, y: np.ndarray, d: np.ndarray, nonneg: np.ndarray
 
 def _events(trace: Trace) -> pd.DataFrame:
     ev = trace.events.assign(duration_s=own_durations(trace.events))
+    return ev[ev["duration_s"] > 0]
+
+
+def task_whats(ev: pd.DataFrame, plan) -> pd.Series:
+    """What qualifies each event's row of HardwareProfile.task_overheads: the layer's activation mode
+    for forward and backward, "fused" for an update in the gradient hooks, what a copy moves (the
+    task name's tag: w, act, opt, grad) otherwise; "" where nothing does."""
+    kind = ev["kind"].to_numpy()
+    tag = [name.split(":")[0].partition(".")[2].split(".")[0] for name in ev["task"]]
+    lps = [plan.layers[int(i)] if 0 <= int(i) < plan.n_layers else None for i in ev["layer"]]
+    out = []
+    for k, t, lp in zip(kind, tag, lps):
+        if k in ("forward", "backward"):
+            out.append(lp.activations if lp is not None else "")
+        elif k == "update":
+            out.append("fused" if lp is not None and lp.update == "fused" else "")
+        elif k in ("recompute", "compress", "decompress"):
+            out.append("")
+        else:
+            out.append(t)
+    return pd.Series(out, index=ev.index, dtype=object)
+
+
+def _less_task_overheads(ev: pd.DataFrame, trace: Trace, cm, hw: HardwareProfile) -> pd.DataFrame:
+    """Events with the base profile's measured fixed cost per task (HardwareProfile.task_overheads)
+    taken off their durations, so that what is fitted is the part the other constants model; an
+    update in the gradient hooks is recorded per parameter and carries its share of the layer's.
+    Events left with nothing are dropped. Unchanged without a table, or without the run's cost
+    model and plan."""
+    if not hw.task_overheads or cm is None or "plan" not in trace.meta or ev.empty:
+        return ev
+    from tiertune.schedule import Plan
+
+    try:
+        plan = Plan.from_dict(trace.meta["plan"])
+    except (InputError, TypeError, ValueError, KeyError):
+        return ev
+    if not ev["layer"].between(0, len(cm.layers) - 1).all() or plan.n_layers != len(cm.layers):
+        return ev
+    what = task_whats(ev, plan)
+    fixed = np.array([cm.task_overhead_s(k, r, int(i), w) for k, r, i, w in
+                      zip(ev["kind"], ev["resource"], ev["layer"], what)])
+    share = ev.groupby([ev["kind"], ev["resource"], ev["layer"], ev["iteration"], what])["kind"].transform("size")
+    fixed = fixed / np.where(what.to_numpy() == "fused", share.to_numpy(float), 1.0)
+    ev = ev.assign(duration_s=ev["duration_s"].to_numpy(float) - fixed)
     return ev[ev["duration_s"] > 0]
 
 
@@ -527,8 +577,8 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
         raise InputError("no traces to fit from")
     dtype = dtype or _meta_train(traces[0], "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
     optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
-    evs = [_with_overlaps(_events(t)) for t in traces]
     cms = [_compute_model(t, base, dtype) for t in traces]
+    evs = [_less_task_overheads(_with_overlaps(_events(t)), t, cm, base) for t, cm in zip(traces, cms)]
     ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
     changes: dict = {}
