@@ -24,6 +24,10 @@ cores to them. On a shared 2-core machine, torch's second intra-op thread waits 
 (~8 ms) per op whenever another process holds the other core.
 
     .venv/bin/python benchmarks/bench_fidelity.py [--steps 6] [--rounds 2] [--threads 1] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_fidelity.py --validate tiny-llama small-llama
+
+The second form runs `tiertune validate` with its default profile (calibrate --quick, no trace of
+the plan) for every named policy on each model, and writes fidelity_validate.csv.
 
 Writes fidelity.csv, the fitted profile (fidelity_profile.toml) and
 fidelity_predicted_vs_measured.{png,svg} under --out; --traces DIR keeps every measured trace.
@@ -94,7 +98,8 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
 def plans_for(model: ModelSpec, hw: HardwareProfile, planner_s: float) -> list[tuple[str, Plan, int | None]]:
     """(label, plan, device budget in bytes or None) for one model."""
     out = [(name, make_policy(name, model, TRAIN, hw), None) for name in POLICIES]
-    full = simulate(model, TRAIN, hw, out[0][1], iterations=3)
+    gpu_only = out[0][1]
+    full = simulate(model, gpu_only.train, hw, gpu_only, iterations=3)     # the policy's own train spec
     budget = int(full.peak_bytes["gpu"] * PLANNER_BUDGET)
     planned = plan_schedule(model, TRAIN, hw.replace(gpu_mem_bytes=budget), time_limit_s=planner_s).plan
     out.append(("planned", planned, budget))
@@ -157,6 +162,45 @@ def summary(df: pd.DataFrame) -> dict:
             "tau_all": kendall_tau(list(df["measured_s"]), list(df["predicted_s"]))}
 
 
+def validate_policies(models: list[str], steps: int, out: Path) -> int:
+    """`tiertune validate --model M --policy P --steps N` for every named policy on each model, as a
+    user runs it: the default profile (`calibrate --quick` measured at the start of each run, no
+    trace of the plan). Prints and writes fidelity_validate.csv: measured and predicted iteration
+    time and the error; a policy the executor cannot run is listed with its reason."""
+    import contextlib
+    import io
+    import json
+
+    from tiertune.cli import main as cli
+    from tiertune.planner.policies import POLICIES
+
+    rows = []
+    for model in models:
+        for policy in POLICIES:
+            stdout, stderr = io.StringIO(), io.StringIO()
+            load = os.getloadavg()[0]
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                rc = cli(["validate", "--model", model, "--policy", policy, "--steps", str(steps), "--json"])
+            row = {"model": model, "policy": policy, "load": load}
+            if rc == 0:
+                res = json.loads(stdout.getvalue())
+                row.update(measured_s=res["measured_s"], predicted_s=res["predicted_s"], error=res["iteration_error"])
+            else:
+                row.update(note=stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else f"exit {rc}")
+            rows.append(row)
+            print(f"  {model:<12} {policy:<14} " + (f"measured {row['measured_s'] * 1e3:8.1f} ms  predicted "
+                  f"{row['predicted_s'] * 1e3:8.1f} ms  {row['error']:+7.1%}" if rc == 0 else row["note"])
+                  + f"  (load {load:.1f})", file=sys.stderr)
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "fidelity_validate.csv", index=False)
+    ok = df.dropna(subset=["error"]) if "error" in df else df.iloc[0:0]
+    print(f"\ntiertune validate, default profile, {steps} steps: {len(ok)} of {len(df)} runs executed; "
+          f"|error| median {ok['error'].abs().median():.1%}, max {ok['error'].abs().max():.1%}, "
+          f"{int((ok['error'].abs() <= 0.2).sum())} within 20%; wrote {out / 'fidelity_validate.csv'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
@@ -165,7 +209,12 @@ def main() -> int:
     ap.add_argument("--planner-s", type=float, default=10.0, help="time limit of the planner per model")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--traces", metavar="DIR", help="also write every measured trace here (Perfetto JSON)")
+    ap.add_argument("--validate", nargs="+", metavar="MODEL",
+                    help="instead: `tiertune validate` with the default profile, every named policy on each model")
     args = ap.parse_args()
+    if args.validate:
+        torch.set_num_threads(args.threads)
+        return validate_policies(args.validate, args.steps, Path(args.out))
     if args.rounds < 2 or args.steps < 3:
         ap.error("--rounds must be >= 2 (fit on one, evaluate on another) and --steps >= 3")
     torch.set_num_threads(args.threads)
