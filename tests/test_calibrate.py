@@ -400,3 +400,22 @@ def test_a_fit_leaves_the_per_task_costs_to_the_table_and_refits_the_rest():
     assert fit.cpu_adam_params_per_s == pytest.approx(truth.cpu_adam_params_per_s, rel=1e-3)
     assert fit.gpu_task_overhead_s == pytest.approx(0.0, abs=1e-7)
     assert fit.task_overheads == table
+
+
+def test_a_fit_whose_intercept_would_take_everything_keeps_the_overhead_and_fits_the_peak():
+    """On a loaded machine a layer's time can vary more with the other work than with its FLOPs:
+    the joint fit then puts everything in the intercept (no peak left). The fit keeps the profile's
+    overhead instead and still scales the peak to the durations."""
+    base = load_hardware(BASE)
+    rng = np.random.default_rng(1)
+    events, t = [], 0.0
+    for k in range(60):
+        flops = float(rng.choice([1e9, 4e9]))
+        secs = 5e-3 * (1 + rng.uniform(-0.3, 0.3)) - 1e-4 * (flops > 2e9)    # bigger ones a little shorter
+        events.append({"source": "measured", "iteration": 0, "task": f"forward{k}", "kind": "forward", "layer": 1,
+                       "resource": "gpu", "start_s": t, "end_s": t + secs, "bytes": 0, "flops": flops})
+        t += secs
+    fit = fit_profile(Trace.from_records(events, meta={"train": {"dtype": "bf16"}}), base)
+    rows = {r.constant: r for r in fit.rows}
+    assert rows["gpu bf16 peak"].after is not None and fit.profile.gpu_flops["bf16"] < base.gpu_flops["bf16"]
+    assert rows["gpu task overhead"].after is None and fit.profile.gpu_task_overhead_s == base.gpu_task_overhead_s

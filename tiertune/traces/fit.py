@@ -259,15 +259,24 @@ def _fit_compute(samples: list[ComputeRows], hw: HardwareProfile, dtype: str,
 
     # The backward factor scales a backward's elementwise part too, which makes the model bilinear;
     # a few fixed-point rounds (solve at a factor, take the factor found) settle it.
-    factor = hw.backward_factor
-    for _ in range(8):
-        overhead, coef = solve(factor)
-        if "bwd" not in cols or coef[0] <= 0 or coef[-1] <= 0:
-            break
-        new = float(coef[-1] / coef[0])
-        if abs(new - factor) < 1e-9 * factor:
-            break
-        factor = new
+    def rounds() -> tuple[float, float, np.ndarray]:
+        factor = hw.backward_factor
+        for _ in range(8):
+            overhead, coef = solve(factor)
+            if "bwd" not in cols or coef[0] <= 0 or coef[-1] <= 0:
+                break
+            new = float(coef[-1] / coef[0])
+            if abs(new - factor) < 1e-9 * factor:
+                break
+            factor = new
+        return factor, overhead, coef
+
+    factor, overhead, coef = rounds()
+    if coef[0] <= 0 and fit_overhead:
+        # Durations that vary more with other work on the machine than with FLOPs let the intercept
+        # take everything: keep the profile's overhead and fit the scale alone.
+        fit_overhead = False
+        factor, overhead, coef = rounds()
     scales = dict(zip(cols, coef))
     if scales["fwd"] <= 0:
         return {}, [FitRow(name, "TFLOP/s", peak / 1e12, None, len(sel), "skipped: durations do not grow with FLOPs")], {}
