@@ -47,10 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_INTERRUPTED = threading.Event()
+
+
 def _interrupt_once(signum, frame) -> None:
     """The first Ctrl-C stops the command; later ones are ignored, so that the clean-up it starts
     (temp files removed, worker threads joined, a half-written output deleted) runs to the end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
@@ -91,6 +95,13 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("tiertune: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Ctrl-C inside a C extension's import surfaces as that import's error (OR-Tools:
+        # "ImportError: initialization failed"), not as KeyboardInterrupt
+        if _INTERRUPTED.is_set():
+            print("tiertune: interrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":
