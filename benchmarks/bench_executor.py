@@ -4,6 +4,9 @@
       on, Fuyou / MegaTrain) vs the same placement updating after backward (update=after, ZeRO-Offload)
   (b) the no-offload plan (gpu-only: everything resident, graphs kept) vs a plain torch loop over
       the same layers with torch.optim.AdamW: the executor's own overhead
+  (c) a Hugging Face Llama of the same shape (transformers, save_pretrained into a temporary
+      directory) through the executor (gpu-only, executor/hf.py's layers) vs the plain HF loop:
+      AutoModelForCausalLM.from_pretrained, torch.optim.AdamW, the same batches
 
 Torch runs one compute thread by default (`--threads`): the main thread stands in for the GPU and
 must not take the cores a real host would give its CPU optimizer; on a 2-core machine that leaves
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -68,6 +72,47 @@ class PlainLoop:
         pass
 
 
+def hf_dir() -> str:
+    """SPEC as a transformers Llama, saved once per run."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=SPEC.vocab_size, hidden_size=SPEC.hidden,
+                                   intermediate_size=SPEC.ffn_hidden, num_hidden_layers=SPEC.n_layers,
+                                   num_attention_heads=SPEC.n_heads, num_key_value_heads=SPEC.n_kv_heads,
+                                   max_position_embeddings=SPEC.max_seq_len, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tempfile.mkdtemp(prefix="bench-hf-")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+class HFPlainLoop:
+    """The reference for (c): the model as transformers loads it, one graph, torch.optim.AdamW."""
+
+    def __init__(self, path: str):
+        import transformers
+        from tiertune.executor.hf import masked_cross_entropy
+        self.loss = masked_cross_entropy
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
+
+    def step(self, tk, tg) -> float:
+        loss = self.loss(self.model(input_ids=tk).logits, tg)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def close(self) -> None:
+        pass
+
+
+def hf_executor(path: str) -> Executor:
+    from tiertune.executor.hf import HFSource
+    src = HFSource(path)
+    plan = uniform_plan(src.spec.name, "local-cpu", TRAIN, src.num_layers, LayerPlan())
+    return Executor(src.build_all(), src.spec, plan, optim=OptimConfig(lr=LR))
+
+
 def executor(layer: LayerPlan) -> Executor:
     plan = uniform_plan(SPEC.name, "local-cpu", TRAIN, SPEC.n_layers + 2, layer)
     return Executor(build_model(SPEC, 0), SPEC, plan, offload_dir=tempfile.mkdtemp(prefix="bench-exec-"),
@@ -104,6 +149,9 @@ def main() -> None:
     t_start = time.perf_counter()
     data = make_data(args.steps + 1)
     runners = {name: make() for name, make in VARIANTS.items()}
+    path = hf_dir()
+    runners["hf-plain"] = HFPlainLoop(path)
+    runners["hf-gpu-only"] = hf_executor(path)
     times: dict[str, list[float]] = {name: [] for name in runners}
     try:
         for name, r in runners.items():                  # warm-up (allocations, thread start)
@@ -114,12 +162,14 @@ def main() -> None:
     finally:
         for r in runners.values():
             r.close()
+        shutil.rmtree(path, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"model": SPEC.name, "params_m": round(SPEC.total_params() / 1e6, 1), "batch": TRAIN.batch,
            "seq": TRAIN.seq_len, "torch_threads": torch.get_num_threads(),
            "median_step_s": med,
            "overlap_speedup_vs_after": med["cpu-adam-after"] / med["cpu-adam-overlap"],
            "gpu_only_vs_plain": med["gpu-only"] / med["plain"],
+           "hf_gpu_only_vs_hf_plain": med["hf-gpu-only"] / med["hf-plain"],
            "wall_s": time.perf_counter() - t_start}
     if args.json:
         print(json.dumps(res, indent=1))
@@ -131,6 +181,8 @@ def main() -> None:
     print(f"  (a) overlap vs after: {res['overlap_speedup_vs_after']:.3f}x faster")
     print(f"  (b) gpu-only executor / plain loop: {res['gpu_only_vs_plain']:.3f} "
           f"({(res['gpu_only_vs_plain'] - 1) * 100:+.1f}%)")
+    print(f"  (c) HF Llama, gpu-only executor / plain HF loop: {res['hf_gpu_only_vs_hf_plain']:.3f} "
+          f"({(res['hf_gpu_only_vs_hf_plain'] - 1) * 100:+.1f}%)")
     print(f"  ({res['wall_s']:.0f} s)")
 
 

@@ -2,8 +2,9 @@
 Hugging Face loop: the loss falls on response tokens only, padded rows are masked, and every
 bad input ends with one line and exit code 2.
 
-The tokenizer is a word-level one trained offline with `tokenizers` on the sentences below and
-saved beside a tiny random Llama (transformers' save_pretrained): nothing is downloaded.
+The tokenizer is a word-level one trained offline with `tokenizers` on the sentences of
+tests/hf_reference.py and saved beside a tiny random Llama (transformers' save_pretrained):
+nothing is downloaded. The reference loop is hf_reference.plain_hf_loop, as for every architecture.
 """
 
 from __future__ import annotations
@@ -13,42 +14,26 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers  # the test extra installs it
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from hf_reference import BOS, EOS, PAD, QA, TEXTS, plain_hf_loop, save_tokenizer, write_chat
 
 from tiertune.cli import main
 from tiertune.errors import InputError
 from tiertune.executor.corpus import tokenize_file
 from tiertune.executor.data import IGNORE, TokenData, open_data
+from tiertune.executor.updates import OptimConfig
 
-QA = [("what does the cat eat ?", "the cat eats fish ."),
-      ("what does the dog eat ?", "the dog eats meat and bones ."),
-      ("where does the cat sleep ?", "on the warm mat by the door ."),
-      ("where does the dog sleep ?", "in the garden ."),
-      ("who feeds the cat ?", "the old man feeds the cat every morning ."),
-      ("who walks the dog ?", "the girl walks the dog ."),
-      ("what colour is the cat ?", "black and white ."),
-      ("what colour is the dog ?", "brown .")]
-TEXTS = ["the cat and the dog are friends .", "every morning the old man opens the door ."]
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
-LR, SEQ = 1e-2, 16
+LR, SEQ, STEPS = 1e-2, 16, 10
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama with a word-level tokenizer (BOS added, EOS and pad defined)."""
     path = tmp_path_factory.mktemp("hf") / "tiny-chat"
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([f"{q} answer : {a}" for q, a in QA] + TEXTS, trainers.WordLevelTrainer(special_tokens=SPECIAL))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(path)
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vocab = save_tokenizer(path)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                                   tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -57,10 +42,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat(model_dir):
     """A prompt/response file with a few plain texts among the pairs."""
-    path = model_dir.parent / "chat.jsonl"
-    rows = [{"prompt": q + " answer :", "response": a} for q, a in QA] + [{"text": t} for t in TEXTS]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    return path
+    return write_chat(model_dir.parent / "chat.jsonl")
 
 
 def words(model_dir, text: str) -> list[int]:
@@ -97,32 +79,11 @@ def test_padded_targets_are_exactly_the_responses(model_dir, chat):
     assert seen == responses                             # one epoch: every document once
 
 
-def plain_hf_loop(model_dir, steps, accum):
-    """The reference: transformers' own model from the directory, torch.optim.AdamW, the same
-    batches with their attention masks, the loss summed over response tokens / their count."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    losses = []
-    for b in steps:
-        count = int((b.targets != IGNORE).sum())
-        total = 0.0
-        for tk, tg, am in zip(b.tokens.chunk(accum), b.targets.chunk(accum), b.attention_mask.chunk(accum)):
-            logits = model(input_ids=tk, attention_mask=am).logits.float()
-            loss = F.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=IGNORE, reduction="sum") / count
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
-
-
 @pytest.mark.parametrize("policy,layout", [("gpu-only", "padded"), ("zero-offload", "padded"),
-                                           ("gpu-only", "packed")])
+                                           ("fuyou", "padded"), ("gpu-only", "packed")])
 def test_prompt_response_file_trains_like_the_plain_hf_loop(model_dir, chat, tmp_path, policy, layout):
     from tiertune.executor.hf import HFSource
     from tiertune.executor.runtime import Executor
-    from tiertune.executor.updates import OptimConfig
     from tiertune.hardware import load_hardware
     from tiertune.planner.policies import make_policy
     from tiertune.workload import TrainSpec
@@ -130,15 +91,16 @@ def test_prompt_response_file_trains_like_the_plain_hf_loop(model_dir, chat, tmp
     src = HFSource(model_dir)
     data = open_data(str(chat), src.spec.vocab_size, model_dir=model_dir)
     stream = data.batches(4, SEQ, seed=0, layout=layout)
-    steps = [next(stream) for _ in range(4)]
+    steps = [next(stream) for _ in range(STEPS)]
     if layout == "padded":
         assert any((b.attention_mask == 0).any() for b in steps)        # some rows really are padded
     assert all((b.targets == IGNORE).any() for b in steps)              # and some targets masked
-    want = plain_hf_loop(model_dir, steps, accum=2)
+    optim = OptimConfig(lr=LR, weight_decay=0.0)
+    want = plain_hf_loop(model_dir, steps, optim, accum=2)
     train = TrainSpec(batch=2, seq_len=SEQ, dtype="fp32", optimizer="adamw", grad_accum=2)
     plan = make_policy(policy, src.spec, train, load_hardware("lsp-4090"))
     with Executor(src.build_all(), src.spec, plan, offload_dir=tmp_path,
-                  optim=OptimConfig(lr=LR, weight_decay=0.0)) as ex:
+                  optim=optim) as ex:
         got = [ex.step(b.tokens, b.targets) for b in steps]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
     assert want[-1] < want[0]

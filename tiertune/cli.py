@@ -22,6 +22,7 @@ VERB_MODULES = (
     "tiertune.commands.simulate",
     "tiertune.commands.plan",
     "tiertune.commands.execute",
+    "tiertune.commands.export",
     "tiertune.commands.calibrate",
     "tiertune.commands.traces",
     "tiertune.commands.report",

@@ -318,7 +318,8 @@ class LayerCompression:
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0, *, fit_steps: int = 100, fit_lr: float = 1e-2,
                  fit_beta: float = 0.0, share: bool = True, device: torch.device | str | None = None,
-                 cpu_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 cpu_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 decay_vectors: bool = True) -> None:
         if check_every <= 0 or fit_samples <= 0:
             raise ValueError("check_every and fit_samples must be positive")
         self.named_shapes = {k: tuple(v) for k, v in named_shapes.items()}
@@ -326,6 +327,7 @@ class LayerCompression:
         self.check_every, self.threshold, self.fit_samples = check_every, threshold, fit_samples
         self.fit_steps, self.fit_lr, self.fit_beta = fit_steps, fit_lr, fit_beta
         self.weight_decay = weight_decay
+        self.decay_vectors = decay_vectors        # False: norms and biases are not decayed
         self.dtype = dtype
         self._lr = lr
         # matrices: name -> compressor key; compressors live on the device, optimizer states on the CPU
@@ -372,7 +374,7 @@ class LayerCompression:
         """On the device, in place: W *= 1 - lr*wd (decoupled, on the full W), then W += P U Q^T."""
         for k, u in updates.items():
             w = params[k]
-            if self.weight_decay:
+            if self.weight_decay and (self.decay_vectors or w.dim() >= 2):
                 w.mul_(1 - self._lr * self.weight_decay)
             if k in self.key_of:
                 u = self.compressors[self.key_of[k]].decompress(u.to(w.device))

@@ -11,7 +11,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,12 @@ from tiertune.schedule import Plan
 from tiertune.workload import ModelSpec
 
 if TYPE_CHECKING:
+    from tiertune.executor.updates import OptimConfig
     from tiertune.executor.hf import HFSource
     from tiertune.traces.trace import Trace
+
+
+DEFAULT_LR = 1e-3      # the built-in models train from scratch; `execute` fine-tunes HF models at its HF_DEFAULT_LR
 
 
 @dataclass
@@ -36,6 +40,7 @@ class RunResult:
     seed: int
     lr: float
     budget_bytes: int | None = None
+    optim: "OptimConfig | None" = None     # the optimizer settings the run used
     extra: dict = field(default_factory=dict)
 
 
@@ -87,14 +92,17 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
                lr: float | None = None, seed: int | None = None, progress: bool = True,
                save_dir: str | Path | None = None, resume: "str | Path | dict | None" = None,
                save_every: int | None = None, keep: int = 2, data_dtype: str | None = None,
-               data_layout: str = "packed") -> RunResult:
+               data_layout: str = "packed", optim: "OptimConfig | None" = None) -> RunResult:
     """Run `steps` optimizer steps of `plan` on `device`.
 
     `spec_or_source`: a ModelSpec (the built-in model of that shape, initialised from `seed`,
     default 0) or an HFSource (a local Hugging Face model's weights). `data`: token ids (.bin, of
     `data_dtype`, or .npy), or a text (.txt, .jsonl) tokenized with the HF model's tokenizer or,
     for a built-in model, read as bytes (default: the shipped demo text); batches laid out per
-    `data_layout` (executor/data.py). `lr`: default the resumed checkpoint's, else 1e-3. `resume`: a
+    `data_layout` (executor/data.py). `optim`: the optimizer settings (default: the resumed
+    checkpoint's, else AdamW with torch's defaults at DEFAULT_LR); `lr` overrides its lr (default:
+    the resumed checkpoint's, else optim's). A linear / cosine schedule without total_steps ends
+    at this run's last step. `resume`: a
     checkpoint (directory, or the state `load_checkpoint` read from one) written by an earlier
     `save_dir`; the run continues on the data an uninterrupted run would see, and is refused when
     the seed, training settings, data or layout differ. `save_dir`: checkpoints every `save_every` steps
@@ -132,10 +140,20 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
         seed = int(state.get("seed", 0))
         resumed_from = None if isinstance(resume, dict) else Path(resume)
     seed = 0 if seed is None else seed
-    lr = lr if lr is not None else float((state or {}).get("lr", 1e-3))
+    if optim is None and state is not None and "optim" in state:
+        optim = OptimConfig.from_dict(state["optim"])
+    optim = optim or OptimConfig(name=train.optimizer, lr=DEFAULT_LR)
+    lr = lr if lr is not None else float((state or {}).get("lr", optim.lr))
+    optim = replace(optim, lr=lr)
+    if optim.total_steps is None:       # a schedule ends with this run (a resumed run: counting its earlier steps)
+        done_before = int(state["executor"]["step"]) if state is not None else 0
+        optim = replace(optim, total_steps=done_before + steps)
+    if hf is not None and train.seq_len > hf.max_seq_len:
+        raise InputError(f"--seq {train.seq_len} exceeds {spec.name}'s sliding attention window ({hf.max_seq_len}): "
+                         f"the executor's blocks attend causally without a window mask")
     continues = resumed_from is not None and save_dir is not None and \
         Path(os.path.realpath(resumed_from)) == Path(os.path.realpath(save_dir))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)          # any random init and the dropout masks follow the seed
     layers = hf.build_all() if hf is not None else build_model(spec, seed)
     # The temp offload directory is made (and removed, whatever happens) here, not by the Executor,
     # so a failure while it is being built (a full disk writing the first weights) cannot leak it.
@@ -145,7 +163,7 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
     ex = None
     try:
         ex = Executor(layers, spec, plan, device=device, gpu_mem_bytes=gpu_mem_bytes, offload_dir=offload_dir,
-                      optim=OptimConfig(name=train.optimizer, lr=lr))
+                      optim=optim)
         if state is not None:
             ex.load_state_dict(state["executor"])
         stream = dataset.batches(train.batch * train.grad_accum, train.seq_len, seed, data_layout)
@@ -162,6 +180,8 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
                 raise InputError(f"step {ex.step_no}: non-finite values in the model or optimizer state "
                                  f"(executor{bad}); stopped without saving it, earlier checkpoints in {save_dir} kept")
             save_rotating(save_dir, {"model": spec.name, "seed": seed, "lr": lr, "data_sha256": data_sha,
+                                     "optim": optim.to_state(),
+                                     "source": str(hf.dir.resolve()) if hf is not None else None,
                                      "plan": plan.to_dict(), "executor": executor_state},
                           ex.step_no, keep, continues=continues)
             continues = True
@@ -212,4 +232,5 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
             shutil.rmtree(tmpdir, ignore_errors=True)
     return RunResult(losses=losses, step_times=times, iteration_s=iteration_s,
                      tokens_per_s=tokens / iteration_s if iteration_s > 0 else None, peak_bytes=peak,
-                     trace=trace, steps=ex.step_no, seed=seed, lr=lr, budget_bytes=gpu_mem_bytes)
+                     trace=trace, steps=ex.step_no, seed=seed, lr=lr, budget_bytes=gpu_mem_bytes,
+                     optim=optim)

@@ -119,6 +119,9 @@ class Executor:
             if plan.train.optimizer != "adamw":
                 raise InputError(f"layers[{j}].grad_rank: LSP compression runs AdamW in the subspace, "
                                  f"train.optimizer is {plan.train.optimizer!r}")
+            if optim is not None and (optim.schedule != "constant" or optim.warmup_steps):
+                raise InputError(f"layers[{j}].grad_rank: LSP's subspace AdamW runs at a constant lr; "
+                                 f"use --lr-schedule constant and no warm-up")
         if plan.train.grad_clip is not None and any(lp.update != "after" for lp in plan.layers):
             raise InputError("train.grad_clip with overlap/fused updates needs a second backward pass, which the "
                              "executor does not run yet; use update 'after' or no clipping")
@@ -158,7 +161,8 @@ class Executor:
                 L.lsp = LayerCompression(dict(zip(L.pnames, (tuple(s) for s in L.shapes))), L.lp.grad_rank,
                                          g.lsp_nnz_per_row, g.lsp_check_every, g.lsp_refit_threshold,
                                          g.lsp_fit_samples, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
-                                         weight_decay=self.cfg.weight_decay, seed=L.i)
+                                         weight_decay=self.cfg.weight_decay, seed=L.i,
+                                         decay_vectors=self.cfg.decay_vectors)
         self.lsp_log: list[dict] = []     # per projector check: step, layer, error before/after, refit
         self._anchor = torch.empty(0, device=self.dev, requires_grad=True)
         self.step_no = 0            # optimizer steps done

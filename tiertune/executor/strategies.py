@@ -45,7 +45,7 @@ class UpdateStrategy:
     def math(self, L: LayerState, opt: dict, k: int, grad: torch.Tensor, step_no: int) -> None:
         """The optimizer step of parameter k of L (its state is opt's "<k>.*" entries)."""
         state = {key.split(".", 1)[1]: v for key, v in opt.items() if key.split(".", 1)[0] == str(k)}
-        optim_step(self.cfg, step_no, L.master(opt, k), grad, state)
+        optim_step(self.cfg.for_param(step_no, L.shapes[k]), step_no, L.master(opt, k), grad, state)
 
     def place(self, L: LayerState) -> None:
         pass

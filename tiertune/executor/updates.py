@@ -14,13 +14,18 @@ means of g^2 for matrices, a full moment for vectors), update clipped by its RMS
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+from tiertune.errors import InputError
 
 ADALOMO_EPS = (1e-30, 1e-3)
 ADALOMO_CLIP = 1.0
 ADALOMO_DECAY = -0.8
+
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,68 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01   # torch.optim.AdamW default; SGD and AdaLomo default to 0
     momentum: float = 0.0        # SGD: LOMO is momentum-free
+    schedule: str = "constant"   # lr schedule after warm-up: constant | linear | cosine (decay to 0)
+    warmup_steps: int = 0        # linear warm-up from 0
+    total_steps: int | None = None   # where linear / cosine reach 0 (train_plan: the run's last step)
+    decay_vectors: bool = True   # decay 1-D parameters too; False: the usual no-decay group (norms, biases)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"lr schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
     @property
     def decay(self) -> float:
         return self.weight_decay if self.name == "adamw" else 0.0
+
+    def lr_factor(self, step_no: int) -> float:
+        """The lr multiplier of optimizer step `step_no` (1-based), as transformers'
+        get_{constant,linear,cosine}_schedule_with_warmup give it to the step after s = step_no - 1
+        scheduler steps (so a warm-up's first step has lr 0, as there)."""
+        s = step_no - 1
+        if s < self.warmup_steps:
+            return s / max(1, self.warmup_steps)
+        if self.schedule == "constant":
+            return 1.0
+        if not self.total_steps:
+            raise InputError(f"a {self.schedule} lr schedule needs the total number of steps")
+        progress = (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if self.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def for_param(self, step_no: int, shape: torch.Size) -> "OptimConfig":
+        """This config as parameter `shape` uses it at step `step_no`: the scheduled lr, and no weight
+        decay on vectors when they are in the no-decay group."""
+        lr = self.lr * self.lr_factor(step_no)
+        wd = self.weight_decay if self.decay_vectors or len(shape) >= 2 else 0.0
+        if lr == self.lr and wd == self.weight_decay:
+            return self
+        return replace(self, lr=lr, weight_decay=wd)
+
+    def to_state(self) -> dict:
+        """Every field, for a checkpoint (`from_dict` reads it back)."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: tuple(v) if k == "betas" else v for k, v in d.items() if k in known}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """What a run reports: the settings actually used."""
+        out = {"optimizer": self.name, "lr": self.lr, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
+               "total_steps": self.total_steps}
+        if self.name == "adamw":
+            out.update(betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay,
+                       no_decay="none" if self.decay_vectors else "1-D parameters (norms, biases)")
+        elif self.name == "adalomo":
+            out.update(note="AdaLomo (LOMO's adaptive optimizer): factored second moment, update clipped by RMS",
+                       weight_decay=self.weight_decay)
+        else:
+            out.update(momentum=self.momentum)
+        return out
 
 
 def state_shapes(cfg: OptimConfig, shape: torch.Size) -> dict[str, tuple[int, ...]]:
