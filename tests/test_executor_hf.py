@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers  # the test extra installs it
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hf_reference import BOS, EOS, PAD, plain_hf_loop, save_tokenizer, write_chat
 
 from tiertune.executor.data import IGNORE, open_data
@@ -156,3 +158,41 @@ def test_cli_training_controls_and_what_json_reports(model_dirs, chat, capsys):
     assert main(hf + ["--dropout", "0.2", "--seed", "5"]) == 0
     s = json.loads(capsys.readouterr().out)["settings"]
     assert (s["dropout"], s["seed"]) == (0.2, 5)
+
+
+def test_a_resumed_run_keeps_its_schedule_and_optimizer_settings(tmp_path, capsys):
+    """Killed after 2 of 4 cosine steps and resumed with the flags left out: the losses of the
+    uninterrupted run (the schedule still ends at step 4); past that end the resume is refused."""
+    import json
+
+    from tiertune.cli import main
+
+    flags = ["--lr-schedule", "cosine", "--warmup", "1", "--weight-decay", "0.1", "--betas", "0.8", "0.95"]
+    run = ["execute", "--model", "tiny-llama", "--policy", "gpu-only", "--batch", "1", "--seq", "16", "--json"]
+    assert main(run + flags + ["--steps", "4", "--save-dir", str(tmp_path / "a"), "--save-every", "2"]) == 0
+    whole = json.loads(capsys.readouterr().out)["losses"]
+    at_2 = sorted((tmp_path / "a").glob("step-00000002-*"))[0]
+    assert main(run + ["--steps", "2", "--resume", str(at_2)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["losses"] == whole[2:]
+    assert (out["settings"]["total_steps"], out["settings"]["betas"]) == (4, [0.8, 0.95])
+    assert main(run + ["--steps", "3", "--resume", str(at_2)]) == 2
+    assert "reaches 0 at step 4: resume with at most --steps 2" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedule=st.sampled_from(["constant", "linear", "cosine"]), warmup=st.integers(0, 20),
+       total=st.integers(1, 60))
+def test_every_lr_schedule_is_transformers_own(schedule, warmup, total):
+    """For any warm-up and length, each step's lr factor is the one transformers' scheduler gives."""
+    from hf_reference import SCHEDULER_NAMES
+
+    from tiertune.executor.lr_schedule import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = transformers.get_scheduler(SCHEDULER_NAMES[schedule], opt, num_warmup_steps=warmup,
+                                       num_training_steps=total)
+    for step_no in range(1, total + 1):
+        assert lr_factor(schedule, warmup, total, step_no) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from tiertune.commands.common import COUNT, GIB, LEARNING_RATE, SEED, number, print_json
 from tiertune.errors import InputError
+from tiertune.executor.lr_schedule import SCHEDULES
+from tiertune.limits import MAX_COUNT
 from tiertune.planner.pick import DEFAULT_HARDWARE, policy_plan
 
 if TYPE_CHECKING:
@@ -24,8 +26,7 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 HF_DEFAULT_LR = 2e-5        # a usual full fine-tuning lr for pretrained LLMs (transformers' default is 5e-5)
-SCHEDULES = ("constant", "linear", "cosine")     # tiertune.executor.updates.SCHEDULES, without importing torch
-WARMUP = number(int, 0, 10**9)
+WARMUP = number(int, 0, MAX_COUNT)
 UNIT = number(float, 0, 1)                        # betas, dropout, weight decay: [0, 1]
 EPS = number(float, 0, 1, low_open=True)
 CLIP = number(float, 0, 1e9, low_open=True)

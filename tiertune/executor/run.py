@@ -145,9 +145,13 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
     optim = optim or OptimConfig(name=train.optimizer, lr=DEFAULT_LR)
     lr = lr if lr is not None else float((state or {}).get("lr", optim.lr))
     optim = replace(optim, lr=lr)
+    done_before = int(state["executor"]["step"]) if state is not None else 0
     if optim.total_steps is None:       # a schedule ends with this run (a resumed run: counting its earlier steps)
-        done_before = int(state["executor"]["step"]) if state is not None else 0
         optim = replace(optim, total_steps=done_before + steps)
+    elif optim.schedule != "constant" and done_before + steps > optim.total_steps:
+        raise InputError(f"the checkpoint's {optim.schedule} lr schedule reaches 0 at step {optim.total_steps}: "
+                         f"resume with at most --steps {optim.total_steps - done_before}, or give --lr-schedule "
+                         f"again to stretch it to this run's end")
     if hf is not None and train.seq_len > hf.max_seq_len:
         raise InputError(f"--seq {train.seq_len} exceeds {spec.name}'s sliding attention window ({hf.max_seq_len}): "
                          f"the executor's blocks attend causally without a window mask")

@@ -19,13 +19,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from tiertune.errors import InputError
+from tiertune.executor.lr_schedule import SCHEDULES, lr_factor
 
 ADALOMO_EPS = (1e-30, 1e-3)
 ADALOMO_CLIP = 1.0
 ADALOMO_DECAY = -0.8
-
-
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -50,20 +48,8 @@ class OptimConfig:
         return self.weight_decay if self.name == "adamw" else 0.0
 
     def lr_factor(self, step_no: int) -> float:
-        """The lr multiplier of optimizer step `step_no` (1-based), as transformers'
-        get_{constant,linear,cosine}_schedule_with_warmup give it to the step after s = step_no - 1
-        scheduler steps (so a warm-up's first step has lr 0, as there)."""
-        s = step_no - 1
-        if s < self.warmup_steps:
-            return s / max(1, self.warmup_steps)
-        if self.schedule == "constant":
-            return 1.0
-        if not self.total_steps:
-            raise InputError(f"a {self.schedule} lr schedule needs the total number of steps")
-        progress = (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        if self.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        """The lr multiplier of optimizer step `step_no` (1-based), see lr_schedule.py."""
+        return lr_factor(self.schedule, self.warmup_steps, self.total_steps, step_no)
 
     def for_param(self, step_no: int, shape: torch.Size) -> "OptimConfig":
         """This config as parameter `shape` uses it at step `step_no`: the scheduled lr, and no weight
