@@ -1,5 +1,6 @@
-"""What the Hugging Face tests share: a tokenizer trained offline, a prompt/response file, and the
-reference every executor run is held to, a plain transformers training loop.
+"""What the Hugging Face tests share: tiny random models of every architecture `simulate` accepts, a
+tokenizer trained offline, a prompt/response file, and the reference every executor run is held
+to, a plain transformers training loop.
 
 The reference is what a user would write without tiertune: `AutoModelForCausalLM.from_pretrained`,
 one autograd graph, `torch.optim.AdamW` with the usual no-decay group (norms, biases) when the
@@ -32,6 +33,7 @@ QA = [("what does the cat eat ?", "the cat eats fish ."),
 TEXTS = ["the cat and the dog are friends .", "every morning the old man opens the door ."]
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]          # ids 0..3: unk, BOS, EOS, pad
 BOS, EOS, PAD = 1, 2, 3
+VOCAB = 96                                           # the tiny models' (the tokenizer needs fewer)
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -54,6 +56,41 @@ def write_chat(path: str | Path) -> Path:
     rows = [{"prompt": q + " answer :", "response": a} for q, a in QA] + [{"text": t} for t in TEXTS]
     Path(path).write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     return Path(path)
+
+
+IDS = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, **IDS)
+
+ARCHS = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        intermediate_size=64, num_key_value_heads=2, **SMALL)),
+    "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(     # Llama 3.2 style
+        intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        intermediate_size=64, num_key_value_heads=2, sliding_window=32, **SMALL)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(      # qkv biases
+        intermediate_size=64, num_key_value_heads=2, **SMALL)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(            # tied
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, **IDS)),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        intermediate_size=64, rotary_pct=0.5, **SMALL)),
+    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(                # tied
+        ffn_dim=64, dropout=0.0, attention_dropout=0.0, **SMALL)),
+}
+
+
+def save_model(name: str, path) -> str:
+    """ARCHS[name] with perturbed weights and the tokenizer, as save_pretrained writes them."""
+    torch.manual_seed(0)
+    model = ARCHS[name]()
+    with torch.no_grad():                       # break the init's symmetries (zero biases, unit norms)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    assert save_tokenizer(path) <= VOCAB
+    return str(path)
 
 
 def plain_hf_loop(model_dir, steps, optim: OptimConfig, accum: int = 1) -> list[float]:

@@ -15,7 +15,7 @@ import torch
 import transformers  # the test extra installs it
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hf_reference import BOS, EOS, PAD, plain_hf_loop, save_tokenizer, write_chat
+from hf_reference import ARCHS, VOCAB, plain_hf_loop, save_model, write_chat
 
 from tiertune.executor.data import IGNORE, open_data
 from tiertune.executor.hf import HFSource
@@ -25,43 +25,9 @@ from tiertune.hardware import load_hardware
 from tiertune.planner.policies import make_policy
 from tiertune.workload import TrainSpec
 
-VOCAB, SEQ, BATCH, STEPS = 96, 12, 4, 10
+SEQ, BATCH, STEPS = 12, 4, 10
 OPTIM = OptimConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.1, schedule="cosine", warmup_steps=3,
                     total_steps=STEPS, decay_vectors=False)
-IDS = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, **IDS)
-
-ARCHS = {
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        intermediate_size=64, num_key_value_heads=2, **SMALL)),
-    "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(     # Llama 3.2 style
-        intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
-    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
-        intermediate_size=64, num_key_value_heads=2, sliding_window=32, **SMALL)),
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(      # qkv biases
-        intermediate_size=64, num_key_value_heads=2, **SMALL)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(            # tied
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, **IDS)),
-    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        intermediate_size=64, rotary_pct=0.5, **SMALL)),
-    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(                # tied
-        ffn_dim=64, dropout=0.0, attention_dropout=0.0, **SMALL)),
-}
-
-
-def save_model(name: str, path) -> str:
-    torch.manual_seed(0)
-    model = ARCHS[name]()
-    with torch.no_grad():                       # break the init's symmetries (zero biases, unit norms)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
-    assert save_tokenizer(path) <= VOCAB
-    return str(path)
-
-
 def batches(model_dir: str, chat) -> list:
     """STEPS padded batches of the prompt/response file, as `execute --data` makes them."""
     data = open_data(str(chat), VOCAB, model_dir=model_dir, progress=False)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import transformers  # the test extra installs it
-from hf_reference import BOS, EOS, PAD, save_tokenizer, write_chat
+from hf_reference import ARCHS, BOS, EOS, PAD, VOCAB, save_model, save_tokenizer, write_chat
 
 from tiertune.cli import main
 from tiertune.executor.checkpoint import load_checkpoint
@@ -20,13 +20,11 @@ from tiertune.hardware import load_hardware
 from tiertune.planner.policies import make_policy
 from tiertune.workload import TrainSpec
 
-VOCAB = 64
-
-
-def hf_model(path, tied: bool, dtype=torch.float32) -> str:
+def hf_model(path, dtype=torch.float32) -> str:
+    """A tiny Llama saved in `dtype`, with the tokenizer."""
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tied, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+                                   tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
     assert save_tokenizer(path) <= VOCAB
@@ -56,9 +54,11 @@ def final_logits(src_dir: str, plan, ckpt, tokens):
         return modules[-1].logits(x)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_export_round_trip(tmp_path, tied):
-    src_dir = hf_model(tmp_path / "src", tied)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_export_round_trip(tmp_path, arch):
+    """Trained under the Fuyou policy and exported: from_pretrained gives the
+    executor's final model, tied where the source was, with its tokenizer and config."""
+    src_dir = save_model(arch, tmp_path / "src")
     plan, ckpt = trained(src_dir, tmp_path)
     assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -68,14 +68,16 @@ def test_export_round_trip(tmp_path, tied):
     want = final_logits(src_dir, plan, ckpt, tokens)
     assert (got - want).abs().max().item() <= 1e-5
     before = transformers.AutoModelForCausalLM.from_pretrained(src_dir)
-    assert not torch.equal(before.model.embed_tokens.weight, model.model.embed_tokens.weight)   # it trained
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert not torch.equal(before.get_input_embeddings().weight, model.get_input_embeddings().weight)  # it trained
+    tied = json.loads((tmp_path / "src" / "config.json").read_text()).get("tie_word_embeddings", True)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert tied == (arch in ("llama-tied", "gpt2", "opt"))
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "</s>"
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] == tied
+    assert (tmp_path / "out" / "config.json").read_text() == (tmp_path / "src" / "config.json").read_text()
 
 
 def test_export_keeps_the_source_dtype(tmp_path):
-    src_dir = hf_model(tmp_path / "src", tied=False, dtype=torch.bfloat16)
+    src_dir = hf_model(tmp_path / "src", dtype=torch.bfloat16)
     _, ckpt = trained(src_dir, tmp_path, policy="gpu-only")
     assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 0
     from safetensors import safe_open
@@ -96,7 +98,7 @@ def test_export_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, cap
     refused([str(tmp_path / "missing"), "-o", str(tmp_path / "out")], "not found")
     assert not (tmp_path / "out").exists()
 
-    src_dir = hf_model(tmp_path / "src", tied=False)
+    src_dir = hf_model(tmp_path / "src")
     _, ckpt = trained(src_dir, tmp_path, policy="gpu-only")
     capsys.readouterr()                                  # transformers' progress bars
     (tmp_path / "mine").mkdir()
