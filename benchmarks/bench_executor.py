@@ -58,11 +58,14 @@ class PlainLoop:
         self.params = [p for m in self.layers for p in m.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=LR)
 
-    def step(self, tk, tg) -> float:
+    def loss(self, tk, tg):
         x = tk
         for m in self.layers[:-1]:
             x = m(x)
-        loss = self.layers[-1](x, tg)
+        return self.layers[-1](x, tg)
+
+    def step(self, tk, tg) -> float:
+        loss = self.loss(tk, tg)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -85,25 +88,18 @@ def hf_dir() -> str:
     return path
 
 
-class HFPlainLoop:
+class HFPlainLoop(PlainLoop):
     """The reference for (c): the model as transformers loads it, one graph, torch.optim.AdamW."""
 
     def __init__(self, path: str):
         import transformers
         from tiertune.executor.hf import masked_cross_entropy
-        self.loss = masked_cross_entropy
+        self.cross_entropy = masked_cross_entropy
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
 
-    def step(self, tk, tg) -> float:
-        loss = self.loss(self.model(input_ids=tk).logits, tg)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def close(self) -> None:
-        pass
+    def loss(self, tk, tg):
+        return self.cross_entropy(self.model(input_ids=tk).logits, tg)
 
 
 def hf_executor(path: str) -> Executor:

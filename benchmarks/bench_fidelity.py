@@ -39,7 +39,6 @@ import argparse
 import itertools
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time

@@ -4,11 +4,10 @@ fitting baseline, never overflows a tier, never beats its lower bound; no fit ->
 import itertools
 import math
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from tiertune.cli import main
-from tiertune.hardware import GiB, load_hardware
+from tiertune.hardware import load_hardware
 from tiertune.planner.bounds import lower_bound
 from tiertune.planner.search import plan_schedule, run_baselines, simulate
 from tiertune.schedule import LayerPlan

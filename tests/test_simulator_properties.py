@@ -12,7 +12,6 @@ from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.vocab import RESOURCES, TIERS
 from tiertune.traces import Trace
 from strategies import model_and_train
-from tiertune.workload import ModelSpec, TrainSpec
 
 BASE_HW = load_hardware("lsp-4090")
 

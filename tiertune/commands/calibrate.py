@@ -64,7 +64,7 @@ def describe(hw: HardwareProfile) -> str:
         f"AdamW {hw.cpu_adam_params_per_s / 1e9:.3g} Gparams/s, SGD {hw.cpu_sgd_params_per_s / 1e9:.3g} Gparams/s",
         f"  ssd GB/s       read {hw.ssd_read_bps / GB:.3g}, write {hw.ssd_write_bps / GB:.3g}, "
         f"free {hw.ssd_capacity_bytes / GiB:.3g} GiB; efficiency by bytes {hw.ssd_efficiency.to_list()}",
-        *([f"  per task us    " + "; ".join(f"{k} " + ", ".join(f"{lk} {v * 1e6:.0f}" for lk, v in row.items())
+        *(["  per task us    " + "; ".join(f"{k} " + ", ".join(f"{lk} {v * 1e6:.0f}" for lk, v in row.items())
                                           for k, row in sorted(hw.task_overheads.items()))] if hw.task_overheads else []),
         f"  notes          {hw.description}",
     ])

@@ -21,7 +21,6 @@ are next used).
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 
 import torch
 

@@ -98,9 +98,8 @@ class CycleModel:
         hw = cm.hw
         n = len(cm.layers)
         self.cm, self.choices = cm, choices
-        work = [[_phase_lanes(layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row), lp, hw.cpu_workers)
-                 for lp in choices] for i in range(n)]
         recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row) for lp in choices] for i in range(n)]
+        work = [[_phase_lanes(r, lp, hw.cpu_workers) for r, lp in zip(recs[i], choices)] for i in range(n)]
         # integer time: about 1/20000 of the slowest choice's serial step
         worst = sum(max(sum(w.values()) for w in work[i]) for i in range(n))
         self.unit = unit = max(worst, 1e-9) / 20000
@@ -307,11 +306,6 @@ class CycleModel:
         hint.append((self.home_gpu, sum(self.home_gpu_mib[i][choice[i]] for i in range(n))))
         return T, hint
 
-    def hint(self, layers: list[LayerPlan]) -> None:
-        for i, lp in enumerate(layers):
-            for k, c in enumerate(self.choices):
-                self.m.add_hint(self.x[i][k], int(c == lp))
-
     def decisions(self, solver: cp_model.CpSolver) -> list[LayerPlan]:
         return [next(c for k, c in enumerate(self.choices) if solver.value(self.x[i][k]))
                 for i in range(len(self.x))]
@@ -348,7 +342,7 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
                                                     time.perf_counter() - t0, "cycle", extra)
     current = [choices.index(lp) for lp in seed]
     trail: list[list[LayerPlan]] = []      # every improving incumbent, in order
-    best, _ = model.evaluate(current)
+    best, hint = model.evaluate(current)
     extra["seed_objective_s"] = best * model.unit
     rng = random.Random(seed_rng)
     while deadline - time.perf_counter() > 0.3:
@@ -360,7 +354,7 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
             if i not in free:
                 sub.add(model.x[i][current[i]] == 1)
         sub.clear_hints()
-        for var, v in model.evaluate(current)[1]:
+        for var, v in hint:
             sub.add_hint(var, v)
         s = _solver(min(4.0, deadline - time.perf_counter()))
         # Full presolve took seconds of each windowed solve in our trials (probing and symmetry
@@ -372,7 +366,7 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         extra["neighbourhoods"] += 1
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) and s.objective_value < best - 0.5:
             current = [next(k for k in range(len(choices)) if s.value(model.x[i][k])) for i in range(n)]
-            best = model.evaluate(current)[0]
+            best, hint = model.evaluate(current)
             extra["improvements"] += 1
             trail.append([choices[k] for k in current])
     wall = time.perf_counter() - t0
