@@ -81,9 +81,17 @@ class PlanGlobals:
     # DeepSpeed's activation_checkpointing.cpu_checkpointing: recomputed layers keep their input
     # checkpoint in host memory (copied out after forward, back before the recompute)
     cpu_checkpointing: bool = False
+    # A block whose saved activations move (`cpu`, `ssd`) or are recomputed runs its forward and
+    # backward in this many slices of the micro-batch (along the batch dimension): each slice's
+    # saved tensors are offloaded after its own forward and fetched back (or recomputed) for its
+    # own backward, so the layer's activations are never on the device at once and their copies
+    # overlap the layer's own compute. 1: they move as one block. A `fused` layer (LOMO) updates
+    # inside its backward hook and so runs whole; so do the embedding and the head.
+    activation_slices: int = 1
 
     def __post_init__(self) -> None:
-        for f in ("prefetch_depth", "iterations", "lsp_nnz_per_row", "lsp_check_every", "lsp_fit_samples"):
+        for f in ("prefetch_depth", "iterations", "lsp_nnz_per_row", "lsp_check_every", "lsp_fit_samples",
+                  "activation_slices"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "prefetch_depth" else 1):
                 raise InputError(f"global.{f} must be a {'non-negative' if f == 'prefetch_depth' else 'positive'} integer, got {v!r}")
@@ -112,6 +120,9 @@ class Plan:
             raise InputError("plan has no layers")
         object.__setattr__(self, "layers", tuple(self.layers))
         fused_or_overlap = {lp.update for lp in self.layers} & {"fused"}
+        s = self.globals.activation_slices
+        if self.train.batch % s:
+            raise InputError(f"global.activation_slices ({s}) must divide the micro-batch (train.batch = {self.train.batch})")
         if fused_or_overlap and self.train.grad_accum > 1:
             i = next(i for i, lp in enumerate(self.layers) if lp.update == "fused")
             raise InputError(f"layers[{i}].update: 'fused' frees each gradient in the backward hook, so it cannot "
@@ -130,6 +141,15 @@ class Plan:
     def needs_second_backward(self) -> bool:
         """LOMO: clipping with updates inside backward needs the norm first, i.e. a second backward pass."""
         return self.train.grad_clip is not None and any(lp.update in ("fused", "overlap") for lp in self.layers)
+
+    def slices(self, i: int) -> int:
+        """How many slices of the micro-batch layer i's forward and backward run in (see
+        `PlanGlobals.activation_slices`): blocks only, whose activations move or are recomputed,
+        and not `fused`."""
+        lp = self.layers[i]
+        if 0 < i < self.n_layers - 1 and lp.activations != "keep" and lp.update != "fused":
+            return self.globals.activation_slices
+        return 1
 
     def notes(self) -> list[str]:
         out = []
