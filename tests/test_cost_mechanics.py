@@ -1,6 +1,6 @@
 """Mechanics the seeds' systems rely on, each checked against a hand computation: LOMO's missing fp32
 master, a chunked cross-entropy, DeepSpeed's fp32 host gradients and CPU activation checkpoints,
-LSP-Offload's (d, r) chosen per run, and Fuyou's half-block checkpoints."""
+LSP-Offload's (d, r) chosen per run, Fuyou's half-block checkpoints, and activations moved in slices."""
 
 import pytest
 
@@ -156,3 +156,38 @@ def test_fuyou_trains_gpt3_175b_at_batch_16_and_not_32_on_its_4090():
     assert not simulate(m, whole.train, hw, whole, iterations=1).fits
     b32 = make_policy("fuyou", m, train.replace(batch=32), hw)
     assert not simulate(m, b32.train, hw, b32, iterations=1).fits
+
+
+def test_activation_slices_let_a_layer_whose_activations_do_not_fit_run_slice_by_slice():
+    # Three blocks whose saved activations (8.4 MB each) go to host memory, on a device budget that
+    # holds the resident state plus half of one block's activations: whole, no block fits; in 4
+    # slices each slice (2.1 MB) leaves while the next is computed and the device never holds more
+    # than the head needs (its kept logits 2.6 MB, its 1 MiB backward workspace, the embedding's 8 KiB).
+    from tiertune.schedule import Plan
+    from tiertune.simulator.recipe import plan_recipes
+    from tiertune.workload import ModelSpec
+
+    model = ModelSpec(name="t", arch="llama", vocab_size=256, hidden=256, n_layers=3, n_heads=4, n_kv_heads=4,
+                      ffn_hidden=512, max_seq_len=256)
+    train = TrainSpec(batch=4, seq_len=256)
+    hw = load_hardware("lsp-4090")
+    lp = LayerPlan(activations="cpu")
+    whole = Plan("t", hw.name, train, [LayerPlan()] + [lp] * 3 + [LayerPlan()])
+    rec = plan_recipes(CostModel(model, train, hw), whole)
+    home = hw.gpu_reserve_bytes + sum(r.home[0] for r in rec)
+    act = rec[1].act_bytes
+    assert act == 8_404_992
+    budget = home + act // 2
+    assert not simulate(model, train, hw, whole.replace(globals=PlanGlobals(gpu_mem_bytes=budget))).fits
+    sliced = whole.replace(globals=PlanGlobals(gpu_mem_bytes=budget, activation_slices=4))
+    r = simulate(model, train, hw, sliced)
+    assert r.fits
+    assert r.peak_bytes["gpu"] - home == 2_621_440 + (1 << 20) + 8192
+    # each block runs 4 forwards and 4 backwards, and sends and fetches its activations in quarters
+    g = r.graph
+    for i in (1, 2, 3):
+        mine = [t for t in range(len(g)) if g.layer[t] == i and g.iteration[t] == 0]
+        assert sum(g.kind[t] == "forward" for t in mine) == 4 and sum(g.kind[t] == "backward" for t in mine) == 4
+        assert [g.nbytes[t] for t in mine if g.kind[t] in ("offload", "fetch")] == [act // 4] * 8
+    # the embedding and the head run whole
+    assert sum(g.kind[t] == "forward" and g.layer[t] == 4 and g.iteration[t] == 0 for t in range(len(g))) == 1

@@ -1,4 +1,5 @@
-"""The lower bound is a bound: on random models, hardware and per-layer plans, and on every named
+"""The lower bound is a bound: on random models, hardware and per-layer plans (at every activation
+slicing the planner searches), and on every named
 baseline of the presets, no plan the engine simulates is faster than it, and it is finite whenever
 some plan fits. Infinite bounds come with a reason and print as null, never as Infinity."""
 
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tiertune.hardware import CUDA_CONTEXT_BYTES, load_hardware
 from tiertune.planner.bounds import lower_bound
+from tiertune.planner.local import slice_choices
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import layer_recipe
 from tiertune.planner.search import run_baselines
@@ -44,7 +46,8 @@ def cases(draw):
     gpu_mem = draw(st.sampled_from([None, reserve + (1 << 20), reserve + (3 << 20), reserve + (6 << 20)]))
     plan = Plan(model=model.name, hardware=hw.name, train=train, layers=layers,
                 globals=PlanGlobals(prefetch_depth=draw(st.integers(0, 3)), gpu_mem_bytes=gpu_mem,
-                                    iterations=draw(st.integers(1, 4))))
+                                    iterations=draw(st.integers(1, 4)),
+                                    activation_slices=draw(st.sampled_from(slice_choices(train)))))
     return model, train, hw, plan, tuple(sorted(set(ranks)))
 
 

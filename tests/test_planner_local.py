@@ -1,9 +1,9 @@
 """`--search local`, the plain reference the planner must beat: it never ends slower than where it
-started, and where it stops no single move (a prefetch depth, one field on one block of layers)
-makes the engine faster."""
+started, and where it stops no single move (a prefetch depth, the activation slices, one field on
+one block of layers) makes the engine faster."""
 
 from tiertune.hardware import load_hardware
-from tiertune.planner.local import _moves, apply, blocks, field_values, local_search
+from tiertune.planner.local import _moves, apply, blocks, field_values, local_search, slice_choices
 from tiertune.planner.search import lean_start
 from tiertune.simulator import simulate
 from tiertune.workload import ModelSpec, TrainSpec
@@ -26,7 +26,7 @@ def test_local_search_stops_at_a_local_optimum_no_slower_than_its_start():
     res = local_search(model, TRAIN, hw, start, time_limit_s=120.0)
     start_s = simulate(model, TRAIN, hw, start).iteration_s
     assert res.sim.fits and res.sim.iteration_s <= start_s
-    for move in _moves(len(res.plan.layers), field_values(())):
+    for move in _moves(len(res.plan.layers), field_values(()), slice_choices(TRAIN)):
         cand = apply(res.plan, move, TRAIN)
         if cand is not None:
             sim = simulate(model, TRAIN, hw, cand)

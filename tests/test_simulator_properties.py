@@ -36,7 +36,9 @@ def cases(draw):
     # Tight budgets (a few MiB above the CUDA context reserve) exercise memory waits and stalls.
     gpu_mem = draw(st.sampled_from([None, CUDA_CONTEXT_BYTES + (1 << 20), CUDA_CONTEXT_BYTES + (6 << 20)]))
     plan = Plan(model=model.name, hardware=hw.name, train=train, layers=layers,
-                globals=PlanGlobals(prefetch_depth=draw(st.integers(0, 3)), gpu_mem_bytes=gpu_mem))
+                globals=PlanGlobals(prefetch_depth=draw(st.integers(0, 3)), gpu_mem_bytes=gpu_mem,
+                                    activation_slices=draw(st.sampled_from(
+                                        [d for d in (1, 2, 3, 4) if train.batch % d == 0]))))
     return model, train, hw, plan, draw(st.integers(1, 3))
 
 

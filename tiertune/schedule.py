@@ -66,6 +66,13 @@ class LayerPlan:
         return replace(self, **changes)
 
 
+def sliceable(i: int, n_layers: int, lp: LayerPlan) -> bool:
+    """Whether layer i runs in `PlanGlobals.activation_slices` slices under lp: a block (not the
+    embedding, not the head) whose activations move or are recomputed, and not `fused` (LOMO
+    updates inside the backward hook, which must see the whole gradient)."""
+    return 0 < i < n_layers - 1 and lp.activations != "keep" and lp.update != "fused"
+
+
 @dataclass(frozen=True)
 class PlanGlobals:
     """Plan-wide settings. LSP defaults follow LSP-Offload's code/paper (arXiv 2406.10181, github.com/gulang2019/LSP-Offload)."""
@@ -146,10 +153,7 @@ class Plan:
         """How many slices of the micro-batch layer i's forward and backward run in (see
         `PlanGlobals.activation_slices`): blocks only, whose activations move or are recomputed,
         and not `fused`."""
-        lp = self.layers[i]
-        if 0 < i < self.n_layers - 1 and lp.activations != "keep" and lp.update != "fused":
-            return self.globals.activation_slices
-        return 1
+        return self.globals.activation_slices if sliceable(i, self.n_layers, self.layers[i]) else 1
 
     def notes(self) -> list[str]:
         out = []

@@ -77,7 +77,8 @@ def run_plan(args: argparse.Namespace) -> int:
     bound = (f"{s['ratio_to_lower_bound']:.3f}x the lower bound {s['lower_bound_s']:.3f} s"
              if s["lower_bound_s"] is not None else f"no finite lower bound: {s['lower_bound_reason']}")
     print(f"plan for {model.name} on {hw.name}: {s['iteration_s']:.3f} s/iteration "
-          f"({s['tokens_per_s']:.0f} tokens/s), {bound}; from {s['plan_from']}, prefetch depth {s['prefetch_depth']}")
+          f"({s['tokens_per_s']:.0f} tokens/s), {bound}; from {s['plan_from']}, prefetch depth {s['prefetch_depth']}"
+          + (f", activations in {s['activation_slices']} slices" if s["activation_slices"] > 1 else ""))
     if b:
         print(f"best baseline {b['policy']}: {b['iteration_s']:.3f} s -> speedup {s['speedup_vs_best_baseline']:.2f}x")
     sv = s["solver"]

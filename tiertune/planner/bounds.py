@@ -2,8 +2,8 @@
 
 A linear relaxation of the per-layer decisions, read from the layers' recipes (simulator/recipe.py),
 the same account of work the engine's task graph is built from. Each layer takes a convex mix of
-every LayerPlan (lambda_ik >= 0, sum_k lambda_ik = 1, `cpu_checkpointing` either way); for a real
-plan the lambdas are 0 or 1. Then:
+every LayerPlan (lambda_ik >= 0, sum_k lambda_ik = 1, `cpu_checkpointing` either way, at every
+activation_slices the planner searches); for a real plan the lambdas are 0 or 1. Then:
   - time: for every resource (half-duplex links folded, the CPU's work split over its workers),
     the mixed recipes' busy seconds are at most T; the engine's iteration is never shorter than
     any resource's work, since contention only slows tasks down and a second backward pass only
@@ -25,6 +25,7 @@ from ortools.linear_solver import pywraplp
 from tiertune.hardware import HardwareProfile
 from tiertune.planner.estimate import usable_gpu_bytes
 from tiertune.planner.cpsat import groups, layer_choices
+from tiertune.planner.local import slice_choices
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import layer_recipe
 from tiertune.vocab import GPU_TIER, LINKS, RESOURCES, TIERS
@@ -64,6 +65,7 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
     cm = CostModel(model, train, hw)
     budget = hw.gpu_mem_bytes if gpu_budget is None else gpu_budget
     n = len(cm.layers)
+    slices = slice_choices(train)
     options = [(lp, host) for lp in layer_choices(train, tuple(grad_ranks), full=True)
                for host in ((False, True) if lp.activations == "recompute" else (False,))]
     rep = {}                                         # identical blocks share their recipes
@@ -94,8 +96,10 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
     prefix = []                                      # kept variables of the layers before
     compute = 0.0
     for i in range(n):
-        recipes = [layer_recipe(cm, rep[i], lp, 1, host) for lp, host in options]
-        lam = [solver.NumVar(0, 1, f"l{i}_{k}") for k in range(len(options))]
+        # a layer that runs whole gets the same (memoised) recipe at every slice count: once
+        recipes = list({id(r): r for r in (layer_recipe(cm, rep[i], lp, 1, host, 4, sl) for lp, host in options
+                                           for sl in slices)}.values())
+        lam = [solver.NumVar(0, 1, f"l{i}_{k}") for k in range(len(recipes))]
         one = solver.Constraint(1, 1)
         kept = solver.NumVar(0, inf, f"kept{i}")
         kept_row = solver.Constraint(0, 0)

@@ -94,11 +94,11 @@ class CycleModel:
     """The model for one (cost model, choices, GPU budget); see the module docstring."""
 
     def __init__(self, cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth: int,
-                 host_ckpt: bool = False, nnz_per_row: int = 4) -> None:
+                 host_ckpt: bool = False, nnz_per_row: int = 4, slices: int = 1) -> None:
         hw = cm.hw
         n = len(cm.layers)
         self.cm, self.choices = cm, choices
-        recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row) for lp in choices] for i in range(n)]
+        recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row, slices) for lp in choices] for i in range(n)]
         work = [[_phase_lanes(r, lp, hw.cpu_workers) for r, lp in zip(recs[i], choices)] for i in range(n)]
         # integer time: about 1/20000 of the slowest choice's serial step
         worst = sum(max(sum(w.values()) for w in work[i]) for i in range(n))
@@ -259,12 +259,13 @@ class CycleModel:
                 prefetch = sum(mib(recs[i - 1][k].weight_bytes) * x[i - 1][k]
                                for k, lp in enumerate(choices) if lp.params != "gpu")
             m.add(home_gpu + prefix + working + prefetch <= usable)
-            # during layer i's forward: its activations being made, its weights, the previous
-            # layer's activations still on their way out, the next layer's weights on their way in
-            forward = sum(mib(recs[i][k].act_bytes + (recs[i][k].weight_bytes if lp.params != "gpu" else 0)) * x[i][k]
-                          for k, lp in enumerate(choices))
+            # during layer i's forward: its activations being made (a slice's at a time when sliced),
+            # its weights, the previous layer's activations still on their way out, the next
+            # layer's weights on their way in
+            forward = sum(mib(recs[i][k].act_slice_bytes + (recs[i][k].weight_bytes if lp.params != "gpu" else 0))
+                          * x[i][k] for k, lp in enumerate(choices))
             if i > 0:
-                forward += sum(mib(recs[i - 1][k].act_bytes) * x[i - 1][k]
+                forward += sum(mib(recs[i - 1][k].act_slice_bytes) * x[i - 1][k]
                                for k, lp in enumerate(choices) if lp.activations in ("cpu", "ssd"))
             if i + 1 < n and depth > 0:
                 forward += sum(mib(recs[i + 1][k].weight_bytes) * x[i + 1][k]
@@ -313,9 +314,9 @@ class CycleModel:
 
 def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] | None, gpu_budget: int,
                 depth: int, time_limit_s: float, host_ckpt: bool = False, nnz_per_row: int = 4,
-                window: int = 8, seed_rng: int = 0) -> tuple[list[list[LayerPlan]], SolverStats]:
+                window: int = 8, seed_rng: int = 0, slices: int = 1) -> tuple[list[list[LayerPlan]], SolverStats]:
     """The least-period schedule of the cyclic model, hinted with `seed` (its choices are added to
-    `choices` where missing). Returns the solutions found, each better than the last in the model
+    `choices` where missing), every layer costed at the plan's `slices` (activation_slices). Returns the solutions found, each better than the last in the model
     (the last is its best; the engine, which may rank them otherwise, picks), and stats.
 
     With a seed the model is solved by large-neighbourhood search: the seed's period first
@@ -329,7 +330,7 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
     deadline = t0 + time_limit_s
     if seed:
         choices = list(choices) + [lp for lp in dict.fromkeys(seed) if lp not in choices]
-    model = CycleModel(cm, choices, gpu_budget, depth, host_ckpt, nnz_per_row)
+    model = CycleModel(cm, choices, gpu_budget, depth, host_ckpt, nnz_per_row, slices)
     n = len(model.x)
     extra: dict = {"unit_s": model.unit, "build_s": time.perf_counter() - t0, "neighbourhoods": 0, "improvements": 0}
     if not seed:

@@ -5,6 +5,7 @@ CP-SAT, bounds or estimates, and is written to be as good as a plain search can 
 Start: the fastest fitting baseline in the planner's own space (same training settings, lossless
 unless ranks are allowed), else the leanest uniform plan. Moves, tried in this order in each pass:
   - the prefetch depth (0-3);
+  - the activation slices (1, 2, 4, 8: those that divide the micro-batch);
   - one field (params, optimizer, update, activations, grad_rank) set to one value on a block of
     layers: the whole model, its halves, quarters, ... down to single layers.
 An improving move is kept at once and the pass goes on from there; passes repeat until one finds
@@ -27,6 +28,12 @@ from tiertune.vocab import TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
 DEPTHS = (0, 1, 2, 3)      # prefetch depths searched (layers fetched ahead of their use)
+SLICES = (1, 2, 4, 8)      # activation slices searched (PlanGlobals.activation_slices)
+
+
+def slice_choices(train: TrainSpec) -> tuple[int, ...]:
+    """The activation slices searched for these settings: those that divide the micro-batch."""
+    return tuple(s for s in SLICES if train.batch % s == 0)
 
 
 @dataclass
@@ -72,7 +79,7 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
     cache: dict[tuple, tuple[float, object]] = {}
 
     def score(plan: Plan) -> tuple[float, object]:
-        key = (plan.layers, plan.globals.prefetch_depth)
+        key = (plan.layers, plan.globals.prefetch_depth, plan.globals.activation_slices)
         if key not in cache:
             sim = simulate(model, train, hw, plan)
             cache[key] = (float(sim.iteration_s) if sim.fits else math.inf, sim)
@@ -86,7 +93,7 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
     while improved and time.perf_counter() < deadline:
         improved = False
         passes += 1
-        for move in _moves(len(best.layers), values):
+        for move in _moves(len(best.layers), values, slice_choices(train)):
             if time.perf_counter() > deadline:
                 break
             cand = apply(best, move, train, allowed)
@@ -103,10 +110,12 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
     return LocalResult(best, score(best)[1], len(cache), passes, time.perf_counter() - t0)
 
 
-def _moves(n_layers: int, values: dict[str, tuple]) -> Iterator[tuple]:
+def _moves(n_layers: int, values: dict[str, tuple], slices: tuple[int, ...]) -> Iterator[tuple]:
     """The moves of one pass (see the module docstring), as (what, where, value)."""
     for d in DEPTHS:
         yield ("prefetch_depth", None, d)
+    for s in slices:
+        yield ("activation_slices", None, s)
     for block in blocks(n_layers):
         for name, vals in values.items():
             for v in vals:
@@ -117,9 +126,9 @@ def apply(plan: Plan, move: tuple, train: TrainSpec,
           allowed: Callable[[LayerPlan], bool] | None = None) -> Plan | None:
     """`plan` with the move made, or None when it changes nothing valid."""
     name, block, v = move
-    if name == "prefetch_depth":
-        return None if v == plan.globals.prefetch_depth else plan.replace(
-            globals=dataclasses.replace(plan.globals, prefetch_depth=v))
+    if block is None:                  # a plan-wide setting: prefetch_depth, activation_slices
+        return None if v == getattr(plan.globals, name) else plan.replace(
+            globals=dataclasses.replace(plan.globals, **{name: v}))
     new = list(plan.layers)
     changed = False
     for i in block:

@@ -2,10 +2,11 @@
 
 Stages, each recorded as {name, wall_s, iteration_s (engine), improved}; only engine numbers decide:
   seeds        the named baselines in the planner's space and the leanest uniform plan;
+  slices       the seeds again at each activation_slices: the one the next stages search at;
   cpsat-counts CP-SAT count model (how many layers of each kind take each choice), placed by rule;
   cpsat-cycle  CP-SAT model of the steady-state step (planner/cycle.py), hinted with the best so far;
   descent      coordinate descent on those counts;
-  depth        the prefetch depth (0-3);
+  depth        the prefetch depth (0-3) and the activation slices (1-8), together;
   local        per-layer and pair moves;
   cpsat-cycle-refine  the cyclic model again at the chosen prefetch depth, hinted with the best;
   polish       the plain local search of planner/local.py (`--search local`) from the best so far;
@@ -30,8 +31,10 @@ from tiertune.planner.bounds import LowerBound, lower_bound
 from tiertune.planner.cycle import solve_cycle
 from tiertune.planner.compression import allowed_ranks, default_ranks
 from tiertune.planner.estimate import cost_model
+from tiertune.planner.local import slice_choices
+from tiertune.simulator.recipe import layer_recipe
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
-from tiertune.schedule import LayerPlan, Plan, PlanGlobals
+from tiertune.schedule import ACTIVATIONS, LayerPlan, Plan, PlanGlobals
 from tiertune.workload import ModelSpec, TrainSpec
 
 DISAGREE = 0.05            # engine vs solver beyond this: say so and refine
@@ -105,6 +108,7 @@ class PlanResult:
             "lower_bound_reason": self.lower.reason,
             "ratio_to_lower_bound": self.lower.ratio(self.iteration_s) if finite else None,
             "prefetch_depth": self.plan.globals.prefetch_depth,
+            "activation_slices": self.plan.globals.activation_slices,
             "stages": [_json_safe(st) for st in self.stages],
             "plan_from": self.plan_from,
             "solver": {k: self.solver.get(k) for k in ("status", "objective_s", "bound_s", "gap", "wall_s")},
@@ -137,23 +141,30 @@ def run_baselines(model: ModelSpec, train: TrainSpec, hw: HardwareProfile,
 
 
 class _Scorer:
-    """Engine-in-the-loop scoring with a cache keyed by the prefetch depth and per-layer decisions.
-    `depth` is the prefetch depth the scored plans use (the depth stage sets it)."""
+    """Engine-in-the-loop scoring with a cache keyed by the plan-wide settings and per-layer decisions.
+    `depth` and `slices` are the prefetch depth and activation slices the scored plans use (the
+    slices and depth stages set them)."""
 
     def __init__(self, model, train, hw, template: Plan) -> None:
         self.model, self.train, self.hw, self.template = model, train, hw, template
         self.depth = template.globals.prefetch_depth
+        self.slices = template.globals.activation_slices
         self.cache: dict[tuple, tuple[float, object]] = {}
 
     def __call__(self, layers) -> float:
         return self.eval(layers)[0]
 
-    def plan(self, layers, depth: int | None = None) -> Plan:
-        d = self.depth if depth is None else depth
-        return self.template.replace(globals=replace(self.template.globals, prefetch_depth=d)).with_layers(tuple(layers))
+    def plan(self, layers, depth: int | None = None, slices: int | None = None) -> Plan:
+        g = replace(self.template.globals, prefetch_depth=self.depth if depth is None else depth,
+                    activation_slices=self.slices if slices is None else slices)
+        return self.template.replace(globals=g).with_layers(tuple(layers))
+
+    def set(self, plan: Plan) -> None:
+        """Score at `plan`'s plan-wide settings from now on."""
+        self.depth, self.slices = plan.globals.prefetch_depth, plan.globals.activation_slices
 
     def eval(self, layers) -> tuple[float, object]:
-        key = (self.depth, tuple(layers))
+        key = (self.depth, self.slices, tuple(layers))
         if key not in self.cache:
             sim = simulate(self.model, self.train, self.hw, self.plan(layers))
             self.cache[key] = (float(sim.iteration_s) if sim.fits else math.inf, sim)
@@ -235,13 +246,21 @@ def local_search(layers: list[LayerPlan], idx: list[int], choices: list[LayerPla
 
 def lean_start(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, grad_ranks: tuple[int, ...] = (),
                choices: list[LayerPlan] | None = None) -> Plan:
-    """The uniform plan that holds the least on the GPU (host weights before SSD ones): what fits
-    when anything does."""
+    """The uniform plan that holds the least on the GPU (host weights before SSD ones), at the
+    thinnest activation slices, among those whose layers' host and SSD bytes fit: what fits when
+    anything does."""
     cm = cost_model(model, train, hw)
     choices = choices if choices is not None else cpsat.layer_choices(train, grad_ranks)
-    lean = min(choices, key=lambda c: (cpsat.resident(cm, 1, c)["gpu"], c.params != "cpu", str(c)))
-    return Plan(model=model.name, hardware=hw.name, train=train, layers=(lean,) * len(cm.layers),
-                globals=PlanGlobals(prefetch_depth=1), provenance={})
+    n, thinnest = len(cm.layers), max(slice_choices(train))
+
+    def leanness(c: LayerPlan) -> tuple:
+        held = cpsat.resident(cm, 1, c)
+        beyond_host = held["cpu"] * n > hw.cpu_mem_bytes or held["ssd"] * n > hw.ssd_capacity_total_bytes
+        backward = layer_recipe(cm, 1, c, 1, False, PlanGlobals().lsp_nnz_per_row, thinnest).working_gpu
+        return beyond_host, held["gpu"], backward, c.params != "cpu", str(c)
+    lean = min(choices, key=leanness)
+    return Plan(model=model.name, hardware=hw.name, train=train, layers=(lean,) * n,
+                globals=PlanGlobals(prefetch_depth=1, activation_slices=thinnest), provenance={})
 
 
 def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_limit_s: float = 30.0,
@@ -315,9 +334,25 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     seeds: list[tuple[list[LayerPlan], str]] = []
     for b in sorted(same, key=lambda b: b.iteration_s):
         seeds.append((list(b.plan.layers), f"baseline {b.name}"))
-    seeds.append((list(lean_start(model, train, hw, grad_ranks, choices).layers), "lean"))
+    lean = lean_start(model, train, hw, grad_ranks, choices).layers
+    seeds.append((list(lean), "lean"))
+    # the same placement with each treatment of the blocks' activations; the head's backward
+    # follows its forward at once, so it keeps them or recomputes them, never sends them away
+    for mode, head in itertools.product(ACTIVATIONS, ("keep", "recompute")):
+        alt, alt_head = lean[1].replace(activations=mode), lean[-1].replace(activations=head)
+        cand = [lean[0]] + [alt] * (len(lean) - 2) + [alt_head]
+        if cand != list(lean) and alt in choices and alt_head in choices:
+            seeds.append((cand, f"lean, activations {mode}, head {head}"))
     for layers, origin in seeds:
         stage(origin, time.perf_counter(), layers)
+    # (0a) activation slices: the seeds at each; the stages below search at the best one
+    t1 = time.perf_counter()
+    at_slices = {}
+    for sl in slice_choices(train):
+        score.slices = sl
+        at_slices[sl] = min((score(layers), k) for k, (layers, _) in enumerate(seeds))
+    score.slices = min(at_slices, key=lambda sl: (at_slices[sl], sl))
+    stage("slices", t1, seeds[at_slices[score.slices][1]][0], activation_slices=score.slices)
     # (1) CP-SAT count model, placed on layers by rule
     t1 = time.perf_counter()
     counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, score.depth, min(5.0, 0.1 * time_limit_s),
@@ -333,7 +368,8 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         t1 = time.perf_counter()
         found, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
                                 min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
-                                host_ckpt=cpu_checkpointing, nnz_per_row=template.globals.lsp_nnz_per_row)
+                                host_ckpt=cpu_checkpointing, nnz_per_row=template.globals.lsp_nnz_per_row,
+                                slices=score.slices)
         solver = st.to_dict()
         if found and st.objective_s:
             engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
@@ -350,17 +386,24 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
     stage("descent", t1, descend(best, choices, score, groups, t0 + 0.45 * time_limit_s))
-    # (3) prefetch depth: how far streamed weights and activations run ahead of their use
+    # (3) prefetch depth (how far streamed weights and activations run ahead of their use) and
+    # activation slices, together: a deeper prefetch needs room that thinner slices free
+    def settings(name: str) -> None:
+        t1 = time.perf_counter()
+        by_setting = {}
+        for d in DEPTHS:
+            for sl in slice_choices(train):
+                score.depth, score.slices = d, sl
+                by_setting[d, sl] = score(best)
+        score.depth, score.slices = min(by_setting, key=lambda k: (by_setting[k], k[0] != 1, k[1]))
+        stage(name, t1, best, prefetch_depth=score.depth, activation_slices=score.slices)
+    settings("depth")
+    # (4) per-layer moves, engine in the loop: what counts cannot express (one odd layer); layers
+    # unlike any other (the embedding, the head) first, then the settings again for what they freed
     t1 = time.perf_counter()
-    by_depth = {}
-    for d in DEPTHS:
-        score.depth = d
-        by_depth[d] = score(best)
-    score.depth = min(by_depth, key=lambda d: (by_depth[d], d != 1))
-    stage("depth", t1, best, prefetch_depth=score.depth)
-    # (4) per-layer moves, engine in the loop: what counts cannot express (one odd layer)
-    t1 = time.perf_counter()
-    stage("local", t1, local_search(best, list(range(len(best))), choices, score, t0 + 0.55 * time_limit_s))
+    by_kind = sorted(range(len(best)), key=lambda i: next(len(g) for g in groups if i in g))
+    stage("local", t1, local_search(best, by_kind, choices, score, t0 + 0.55 * time_limit_s))
+    settings("depth-refine")
     # (5) the cyclic model again, at the chosen prefetch depth, hinted with the best schedule
     if deadline - time.perf_counter() > 1.0:
         cycle("cpsat-cycle-refine", 0.15)
@@ -376,33 +419,35 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         t1 = time.perf_counter()
         polished = plain_local_search(model, train, hw, score.plan(best), left, tuple(grad_ranks),
                                       allowed=allowed).plan
-        kept_depth, score.depth = score.depth, polished.globals.prefetch_depth
+        kept = score.plan(best)
+        score.set(polished)
         stage("polish", t1, list(polished.layers))
         if not stages[-1]["improved"]:
-            score.depth = kept_depth
+            score.set(kept)
     # (7) iterated local search in whatever time is left: move a few random layers to random
     # choices, polish again, keep what the engine finds faster (several layers must often change
     # at once: memory one gives up pays for another's faster choice)
     t1 = time.perf_counter()
     rng = random.Random(0)
-    run, run_s, run_depth = list(best), best_s, score.depth
+    run, run_s, run_plan = list(best), best_s, score.plan(best)
     while deadline - time.perf_counter() > 0.2:
         cand = list(run)
         for i in rng.sample(range(len(cand)), min(len(cand), 3)):
             cand[i] = rng.choice(choices)
         left = deadline - time.perf_counter()
         try:
-            res = plain_local_search(model, train, hw, score.plan(cand, run_depth),
+            res = plain_local_search(model, train, hw, run_plan.with_layers(cand),
                                      min(left, max(1.0, 0.1 * time_limit_s)), tuple(grad_ranks), allowed=allowed)
         except InputError:
             continue
         if res.sim.iteration_s < run_s * (1 - 1e-9):
-            run, run_s, run_depth = list(res.plan.layers), float(res.sim.iteration_s), res.plan.globals.prefetch_depth
+            run, run_s, run_plan = list(res.plan.layers), float(res.sim.iteration_s), res.plan
     if run_s < best_s:
-        kept_depth, score.depth = score.depth, run_depth
+        kept = score.plan(best)
+        score.set(run_plan)
         stage("restarts", t1, run)
         if not stages[-1]["improved"]:
-            score.depth = kept_depth
+            score.set(kept)
     best_s, sim = score.eval(best)
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))

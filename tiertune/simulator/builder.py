@@ -173,11 +173,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
 
     lp_ = plan.layers
     wb = [r.weight_bytes for r in rec]
-    act = [r.act_bytes for r in rec]
-    ckpt = [r.ckpt_bytes for r in rec]
     opt_bytes = [r.opt_bytes for r in rec]
     sent_bytes = [r.sent_bytes for r in rec]
-    workspace = rec[0].workspace
     # DeepSpeed's cpu_checkpointing: a recomputed layer's input checkpoint waits in host memory
     # between its forward and its recompute, instead of on the device.
     host_ckpt = plan.globals.cpu_checkpointing
@@ -300,99 +297,108 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         upd_seq.clear()                                      # this step's CPU updates, in issue order
         after_layers: list[int] = []
         for mb in range(accum):
-            # ---- forward ----
-            homes: list[tuple[int | None, int | None]] = [(None, None)] * n   # (offload d2h, ssd write)
+            # ---- forward (a sliced layer: slice by slice, each slice's activations leaving alone) ----
+            homes: list[list[tuple[int | None, int | None]]] = [[] for _ in range(n)]   # per slice: (d2h, ssd write)
             for i in range(n):
-                lp, c = lp_[i], cm.layers[i]
+                lp, c, r = lp_[i], cm.layers[i], rec[i]
+                S, a, k = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes
                 h = load_weights(i, it, mb, first_use=(mb == 0), phase="fwd")
-                f = g.add("forward", "", i, it, mb, GPU, dur(i, "forward"), flops=c.fwd_flops, gpu=act[i])
-                g.edge(h, f)
-                g.edge(prev_end, f)
-                if h is None and mb == 0:
-                    g.edge(upd_done[i], f)
-                if h is not None and not (keep_last and i == n - 1):
-                    g.release(f, 0, wb[i])
-                if lp.activations == "recompute":
-                    g.release(f, 0, act[i] - ckpt[i])
-                    if host_ckpt:
-                        o = g.add("offload", "ckpt", i, it, mb, D2H, dur(i, "ckpt_offload"), ckpt[i], cpu=ckpt[i])
+                for s in range(S):
+                    f = g.add("forward", "", i, it, mb, GPU, dur(i, "forward"), flops=c.fwd_flops / S, gpu=a)
+                    if s == 0:
+                        g.edge(h, f)
+                        if h is None and mb == 0:
+                            g.edge(upd_done[i], f)
+                    g.edge(prev_end, f)
+                    if s == S - 1 and h is not None and not (keep_last and i == n - 1):
+                        g.release(f, 0, wb[i])
+                    if lp.activations == "recompute":
+                        g.release(f, 0, a - k)
+                        if host_ckpt:
+                            o = g.add("offload", "ckpt", i, it, mb, D2H, dur(i, "ckpt_offload"), k, cpu=k)
+                            g.edge(f, o)
+                            g.release(o, 0, k)
+                            homes[i].append((o, None))
+                    elif lp.activations in ("cpu", "ssd"):
+                        o = g.add("offload", "act", i, it, mb, D2H, dur(i, "act_offload"), a, cpu=a)
                         g.edge(f, o)
-                        g.release(o, 0, ckpt[i])
-                        homes[i] = (o, None)
-                elif lp.activations in ("cpu", "ssd"):
-                    o = g.add("offload", "act", i, it, mb, D2H, dur(i, "act_offload"), act[i], cpu=act[i])
-                    g.edge(f, o)
-                    g.release(o, 0, act[i])
-                    w = None
-                    if lp.activations == "ssd":
-                        w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, dur(i, "act_ssd_write"), act[i], ssd=act[i])
-                        g.edge(o, w)
-                        g.release(w, 1, act[i])
-                    homes[i] = (o, w)
+                        g.release(o, 0, a)
+                        w = None
+                        if lp.activations == "ssd":
+                            w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, dur(i, "act_ssd_write"), a, ssd=a)
+                            g.edge(o, w)
+                            g.release(w, 1, a)
+                        homes[i].append((o, w))
+                    prev_end = f
                 uses.append(f)
-                prev_end = f
             # ---- backward (twice when clipping needs the norm before in-backward updates) ----
             for p in range(passes):
                 last = p == passes - 1
                 tag = "" if last else "norm"
                 sfx = "" if last else ".norm"
                 for i in reversed(range(n)):
-                    lp, c = lp_[i], cm.layers[i]
+                    lp, c, r = lp_[i], cm.layers[i], rec[i]
+                    S, a, k, ws = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes, r.workspace_slice
                     if keep_last and i == n - 1:
                         h = None
                         freed_w = wb[i]
                     else:
                         h = load_weights(i, it, mb, first_use=False, phase="bwd" if last else "norm")
                         freed_w = wb[i] if h is not None else 0
-                    prep = None
-                    if lp.activations in ("cpu", "ssd"):
-                        o, w = homes[i]
-                        src = o
-                        if lp.activations == "ssd":
-                            sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, dur(i, "act_ssd_read"), act[i], cpu=act[i])
-                            g.edge(w, sr)
-                            g.edge(window(), sr)
-                            if last:
-                                g.release(sr, 2, act[i])
-                            src = sr
-                        prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, dur(i, "act_fetch"), act[i], gpu=act[i])
-                        g.edge(src, prep)
-                        if lp.activations == "cpu":
-                            g.edge(window(), prep)
-                        if last or lp.activations == "ssd":
-                            g.release(prep, 1, act[i])
-                    elif lp.activations == "recompute":
-                        fetched = None
-                        if host_ckpt:
-                            fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, dur(i, "ckpt_fetch"), ckpt[i],
-                                            gpu=ckpt[i])
-                            g.edge(homes[i][0], fetched)
-                            g.edge(window(), fetched)
-                            if last:
-                                g.release(fetched, 1, ckpt[i])
-                        prep = g.add("recompute", tag, i, it, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops,
-                                     gpu=act[i] - ckpt[i])
-                        g.edge(h, prep)
-                        g.edge(fetched, prep)
-                        g.edge(prev_end, prep)
                     dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
-                    b = g.add("backward", tag, i, it, mb, GPU, dur(i, "backward"), flops=c.bwd_flops,
-                              gpu=workspace + dyn_grad)
-                    g.edge(h, b)
-                    g.edge(prep, b)
-                    g.edge(prev_end, b)
-                    freed = workspace + freed_w
-                    if lp.activations == "keep":
-                        freed += act[i] if last else 0
-                    elif lp.activations == "recompute":
-                        freed += act[i] - ckpt[i] + (ckpt[i] if last or host_ckpt else 0)
-                    else:
-                        freed += act[i]
-                    if not last:
-                        freed += dyn_grad                  # the norm pass only keeps a running sum
-                    g.release(b, 0, freed)
+                    prefetch = window()
+                    done_slices: list[int] = []
+                    for s in range(S):
+                        # slices 0 and 1 come ahead with the layer; later ones as earlier ones finish
+                        gate = prefetch if s < 2 else done_slices[s - 2]
+                        prep = None
+                        if lp.activations in ("cpu", "ssd"):
+                            o, w = homes[i][s]
+                            src = o
+                            if lp.activations == "ssd":
+                                sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, dur(i, "act_ssd_read"), a, cpu=a)
+                                g.edge(w, sr)
+                                g.edge(gate, sr)
+                                if last:
+                                    g.release(sr, 2, a)
+                                src = sr
+                            prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, dur(i, "act_fetch"), a, gpu=a)
+                            g.edge(src, prep)
+                            if lp.activations == "cpu":
+                                g.edge(gate, prep)
+                            if last or lp.activations == "ssd":
+                                g.release(prep, 1, a)
+                        elif lp.activations == "recompute":
+                            fetched = None
+                            if host_ckpt:
+                                fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, dur(i, "ckpt_fetch"), k, gpu=k)
+                                g.edge(homes[i][s][0], fetched)
+                                g.edge(gate, fetched)
+                                if last:
+                                    g.release(fetched, 1, k)
+                            prep = g.add("recompute", tag, i, it, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops / S,
+                                         gpu=a - k)
+                            g.edge(h, prep)
+                            g.edge(fetched, prep)
+                            g.edge(prev_end, prep)
+                        b = g.add("backward", tag, i, it, mb, GPU, dur(i, "backward"), flops=c.bwd_flops / S,
+                                  gpu=ws + (dyn_grad if s == 0 else 0))
+                        g.edge(h, b)
+                        g.edge(prep, b)
+                        g.edge(prev_end, b)
+                        freed = ws + (freed_w if s == S - 1 else 0)
+                        if lp.activations == "keep":
+                            freed += a if last else 0
+                        elif lp.activations == "recompute":
+                            freed += a - k + (k if last or host_ckpt else 0)
+                        else:
+                            freed += a
+                        if not last and s == S - 1:
+                            freed += dyn_grad              # the norm pass only keeps a running sum
+                        g.release(b, 0, freed)
+                        done_slices.append(b)
+                        prev_end = b
                     uses.append(b)
-                    prev_end = b
                     if not last:
                         continue
                     # ---- gradient to the optimizer ----

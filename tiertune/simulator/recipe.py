@@ -8,14 +8,16 @@ engine simulates. Durations come from the CostModel alone.
 
 A step's `count` is how often the task runs per training step: per micro-batch (gradient
 accumulation), per backward pass (a second, norm-only backward when clipping meets in-backward
-updates, LOMO) or once per step (the optimizer).
+updates, LOMO), per slice of the micro-batch (`PlanGlobals.activation_slices`: a sliced layer's
+forward, backward, recompute and activation copies run once per slice, each costed at the slice's
+batch) or once per step (the optimizer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiertune.schedule import LayerPlan
+from tiertune.schedule import LayerPlan, sliceable
 from tiertune.simulator.costs import CostModel
 from tiertune.vocab import CPU, CPU_TIER, D2H, GPU, GPU_TIER, H2D, RESOURCES, SSD_READ, SSD_TIER, SSD_WRITE, TIERS
 
@@ -70,6 +72,10 @@ class LayerRecipe:
     sent_bytes: int          # gradient bytes that cross PCIe to a host optimizer
     sent_params: int         # parameters the host optimizer updates (d x d per matrix under LSP)
     workspace: int
+    slices: int              # slices of the micro-batch the layer's forward and backward run in
+    act_slice_bytes: int     # act_bytes of one slice (act_bytes = slices x act_slice_bytes)
+    ckpt_slice_bytes: int
+    workspace_slice: int     # the backward workspace of one slice
     home: tuple[int, int, int]
     kept: tuple[int, int, int]
     working_gpu: int
@@ -119,27 +125,46 @@ def keeps_last_weights(i: int, n_layers: int, lp: LayerPlan, n_passes: int) -> b
     return i == n_layers - 1 and lp.params != "gpu" and n_passes == 1
 
 
+def slice_model(cm: CostModel, slices: int) -> CostModel:
+    """The cost model of one slice of the micro-batch (batch / slices sequences). Memoised on `cm`."""
+    if slices == 1:
+        return cm
+    memo: dict = cm.__dict__.setdefault("_slice_memo", {})
+    s = memo.get(slices)
+    if s is None:
+        s = memo[slices] = CostModel(cm.model, cm.train.replace(batch=cm.train.batch // slices), cm.hw)
+    return s
+
+
 def layer_recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int = 1, host_ckpt: bool = False,
-                 nnz_per_row: int = 4) -> LayerRecipe:
+                 nnz_per_row: int = 4, slices: int = 1) -> LayerRecipe:
     """The recipe of layer i under lp. `host_ckpt`: DeepSpeed's cpu_checkpointing (a recomputed
-    layer's input checkpoint waits in host memory); `nnz_per_row`: LSP's r. Memoised on `cm`."""
+    layer's input checkpoint waits in host memory); `nnz_per_row`: LSP's r; `slices`: the plan's
+    activation_slices (ignored where the layer runs whole). Memoised on `cm`."""
+    if slices > 1 and not sliceable(i, len(cm.layers), lp):
+        slices = 1
     memo: dict = cm.__dict__.setdefault("_recipe_memo", {})
-    key = (i, lp, n_passes, host_ckpt, nnz_per_row)
+    key = (i, lp, n_passes, host_ckpt, nnz_per_row, slices)
     r = memo.get(key)
     if r is None:
-        r = memo[key] = _recipe(cm, i, lp, n_passes, host_ckpt, nnz_per_row)
+        r = memo[key] = _recipe(cm, i, lp, n_passes, host_ckpt, nnz_per_row, slices)
     return r
 
 
-def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool, nnz: int) -> LayerRecipe:
+def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool, nnz: int,
+            slices: int) -> LayerRecipe:
     c = cm.layers[i]
     n = len(cm.layers)
     accum = cm.train.grad_accum
+    # A sliced layer's compute and activation copies are those of one slice, `slices` times.
+    sm = slice_model(cm, slices)
+    cs = sm.layers[i]
     # A recomputed layer holds at most act_recompute_bytes at once (less than act_bytes when it is
     # checkpointed in parts, TrainSpec.checkpoint_halves); a kept or swapped one holds all of them.
     wb, grad = c.weight_bytes, c.grad_bytes
-    act = c.act_recompute_bytes if lp.activations == "recompute" else c.act_bytes
-    ckpt = min(c.act_checkpoint_bytes, act)
+    act_s = cs.act_recompute_bytes if lp.activations == "recompute" else cs.act_bytes
+    ckpt_s = min(cs.act_checkpoint_bytes, act_s)
+    act, ckpt = act_s * slices, ckpt_s * slices
     rank = lp.grad_rank
     opt_bytes = cm.optim_state_bytes(i, rank, lp.optimizer_beside_weights)
     sent_bytes = cm.host_grad_bytes(i, rank)
@@ -160,26 +185,27 @@ def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool
     # ---- forward, per micro-batch ----
     streamed = lp.params != "gpu"
     bwd_loads = 0 if keeps_last_weights(i, n, lp, n_passes) else accum * n_passes
+    per_slice = accum * slices
     if lp.params == "ssd":
         add("w_ssd_read_fwd", SSD_READ, cm.ssd_read_s(wb), wb, "forward", accum)
         add("w_ssd_read_bwd", SSD_READ, cm.ssd_read_s(wb), wb, "backward", bwd_loads)
     if streamed:
         add("w_load_fwd", H2D, cm.h2d_s(wb), wb, "forward", accum)
         add("w_load_bwd", H2D, cm.h2d_s(wb), wb, "backward", bwd_loads)
-    add("forward", GPU, cm.forward_s(i), 0, "forward", accum)
+    add("forward", GPU, sm.forward_s(i), 0, "forward", per_slice)
     if host_ckpt:
-        add("ckpt_offload", D2H, cm.d2h_s(ckpt), ckpt, "forward", accum)
-        add("ckpt_fetch", H2D, cm.h2d_s(ckpt), ckpt, "backward", accum * n_passes)
+        add("ckpt_offload", D2H, cm.d2h_s(ckpt_s), ckpt_s, "forward", per_slice)
+        add("ckpt_fetch", H2D, cm.h2d_s(ckpt_s), ckpt_s, "backward", per_slice * n_passes)
     if lp.activations in ("cpu", "ssd"):
-        add("act_offload", D2H, cm.d2h_s(act), act, "forward", accum)
-        add("act_fetch", H2D, cm.h2d_s(act), act, "backward", accum * n_passes)
+        add("act_offload", D2H, cm.d2h_s(act_s), act_s, "forward", per_slice)
+        add("act_fetch", H2D, cm.h2d_s(act_s), act_s, "backward", per_slice * n_passes)
         if lp.activations == "ssd":
-            add("act_ssd_write", SSD_WRITE, cm.ssd_write_s(act), act, "forward", accum)
-            add("act_ssd_read", SSD_READ, cm.ssd_read_s(act), act, "backward", accum * n_passes)
-    # ---- backward, per micro-batch and pass ----
+            add("act_ssd_write", SSD_WRITE, cm.ssd_write_s(act_s), act_s, "forward", per_slice)
+            add("act_ssd_read", SSD_READ, cm.ssd_read_s(act_s), act_s, "backward", per_slice * n_passes)
+    # ---- backward, per micro-batch and pass (and slice) ----
     if lp.activations == "recompute":
-        add("recompute", GPU, cm.recompute_s(i), 0, "backward", accum * n_passes)
-    add("backward", GPU, cm.backward_s(i), 0, "backward", accum * n_passes)
+        add("recompute", GPU, sm.recompute_s(i), 0, "backward", per_slice * n_passes)
+    add("backward", GPU, sm.backward_s(i), 0, "backward", per_slice * n_passes)
     if lp.optimizer != "gpu":
         if rank:
             add("compress", GPU, cm.compress_s(i, rank, nnz), 0, "backward", accum)
@@ -220,13 +246,17 @@ def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool
     else:
         kept[CPU_TIER if lp.activations == "cpu" else SSD_TIER] += act
     workspace = workspace_bytes(cm)
+    ws_s = workspace_bytes(sm)
     dyn_grad = grad if (lp.optimizer != "gpu" or lp.update == "fused") else 0
-    working = act + workspace + dyn_grad + (wb if streamed else 0)
+    # A sliced layer's backward has one slice's activations and workspace on the device at least
+    # (the engine may hold a second, prefetched slice; this is a floor).
+    working = act_s + ws_s + dyn_grad + (wb if streamed else 0)
     if lp.activations in ("keep",) or (lp.activations == "recompute" and not host_ckpt):
-        working -= kept[GPU_TIER]                   # already counted as kept
+        working -= kept[GPU_TIER] // slices         # already counted as kept
     host_grad_held = sent_bytes if lp.optimizer != "gpu" and lp.update == "after" else 0
     return LayerRecipe(steps=steps, weight_bytes=wb, act_bytes=act, ckpt_bytes=ckpt, grad_bytes=grad,
                        opt_bytes=opt_bytes, sent_bytes=sent_bytes, sent_params=sent_params, workspace=workspace,
+                       slices=slices, act_slice_bytes=act_s, ckpt_slice_bytes=ckpt_s, workspace_slice=ws_s,
                        home=tuple(home), kept=tuple(kept), working_gpu=working, host_grad_held=host_grad_held)
 
 
@@ -234,7 +264,8 @@ def plan_recipes(cm: CostModel, plan) -> list[LayerRecipe]:
     """The recipe of every layer of a Plan."""
     p = passes(cm.train, plan.layers)
     g = plan.globals
-    return [layer_recipe(cm, i, lp, p, g.cpu_checkpointing, g.lsp_nnz_per_row) for i, lp in enumerate(plan.layers)]
+    return [layer_recipe(cm, i, lp, p, g.cpu_checkpointing, g.lsp_nnz_per_row, plan.slices(i))
+            for i, lp in enumerate(plan.layers)]
 
 
 def busy_per_step(recipes: list[LayerRecipe]) -> dict[str, float]:
