@@ -58,10 +58,13 @@ class Baseline:
     def fits(self) -> bool:
         return self.sim is not None and bool(self.sim.fits)
 
-    def comparable(self, train: TrainSpec, grad_ranks: tuple[int, ...]) -> bool:
+    def comparable(self, train: TrainSpec, grad_ranks: tuple[int, ...], mechanics: bool = False) -> bool:
         """A fitting baseline in the planner's own space: the same training settings (LOMO may swap
-        the optimizer) and only gradient ranks the user allowed (lossless unless they did)."""
-        return (self.fits and self.name != "ideal" and self.plan.train == train
+        the optimizer) and only gradient ranks the user allowed (lossless unless they did).
+        `mechanics`: also one whose settings differ only in how a step runs, not in what it
+        computes (MECHANICS: Fuyou's half-block checkpoints, a chunked loss): it trains the same."""
+        same_math = self.fits and (self.plan.train == train or (mechanics and _mechanics_only(self.plan.train, train)))
+        return (same_math and self.name != "ideal"
                 and all(lp.grad_rank is None or lp.grad_rank in grad_ranks for lp in self.plan.layers))
 
     @property
@@ -90,7 +93,7 @@ class PlanResult:
 
     @property
     def best_baseline(self) -> Baseline | None:
-        fitting = [b for b in self.baselines if b.comparable(self.plan.train, self.grad_ranks)]
+        fitting = [b for b in self.baselines if b.comparable(self.plan.train, self.grad_ranks, mechanics=True)]
         return min(fitting, key=lambda b: b.iteration_s) if fitting else None
 
     @property
@@ -150,6 +153,7 @@ class _Scorer:
         self.depth = template.globals.prefetch_depth
         self.slices = template.globals.activation_slices
         self.cache: dict[tuple, tuple[float, object]] = {}
+        self.slowest_s = 0.0             # the longest engine run so far (the planner's deadline keeps room for it)
 
     def __call__(self, layers) -> float:
         return self.eval(layers)[0]
@@ -166,7 +170,9 @@ class _Scorer:
     def eval(self, layers) -> tuple[float, object]:
         key = (self.depth, self.slices, tuple(layers))
         if key not in self.cache:
+            t0 = time.perf_counter()
             sim = simulate(self.model, self.train, self.hw, self.plan(layers))
+            self.slowest_s = max(self.slowest_s, time.perf_counter() - t0)
             self.cache[key] = (float(sim.iteration_s) if sim.fits else math.inf, sim)
         return self.cache[key]
 
@@ -345,6 +351,9 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
             seeds.append((cand, f"lean, activations {mode}, head {head}"))
     for layers, origin in seeds:
         stage(origin, time.perf_counter(), layers)
+    # the stages stop early enough for the engine runs already started when they stop (a few of
+    # the slowest seen so far: under load one run of a 96-layer model takes a second) to end in time
+    deadline = min(deadline, t0 + time_limit_s - 3 * score.slowest_s)
     # (0a) activation slices: the seeds at each; the stages below search at the best one
     t1 = time.perf_counter()
     at_slices = {}
