@@ -177,6 +177,9 @@ class Engine:
         self.rec = recorder
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" and resource in ("h2d", "d2h") else None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # torch's intra-op thread count is per OS thread under OpenMP and MKL: a new thread starts at
+        # the machine's core count whatever torch.set_num_threads said in the main thread.
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name=f"tiertune-{resource}", daemon=True)
         self._thread.start()
 
@@ -194,6 +197,11 @@ class Engine:
         return fut
 
     def _loop(self) -> None:
+        # The worker runs its ops with the creator's thread count, as calibrate measured them. Left at
+        # the default, each small op that parallelises (MKL's vectorised sqrt of a 32 x 32 Adam moment)
+        # waited for a second OpenMP/MKL thread to be scheduled: LSP-Offload's subspace AdamW ran 25-40x
+        # its prediction beside the compute thread on a busy 2-core host (24 us per sqrt against 3 us).
+        torch.set_num_threads(self._threads)
         while True:
             item = self._q.get()
             if item is None:
