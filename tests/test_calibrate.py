@@ -122,6 +122,21 @@ def test_fit_recovers_known_constants():
             assert model == pytest.approx(TRUE["ssd_lat"] + n / true_bps, rel={MiB: 0.25, 16 * MiB: 0.1}.get(n, 0.03))
 
 
+def test_fit_counts_the_compressed_parameters_an_lsp_update_runs_adam_on():
+    """At grad_rank d the CPU AdamW updates the d x d projections, not the layer's weights: a run of
+    LSP-Offload on a host 3x slower at Adam than the profile says refits to that host's rate."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.workload import TrainSpec, load_model
+
+    model, base = load_model("small-llama"), load_hardware("lsp-4090")
+    plan = make_policy("lsp-offload", model, TrainSpec(batch=4, seq_len=64, dtype="fp32"), base)
+    assert all(lp.grad_rank for lp in plan.layers)
+    host = base.replace(cpu_adam_params_per_s=base.cpu_adam_params_per_s / 3)
+    trace = simulate(model, plan.train, host, plan, iterations=4).trace
+    assert fit_profile(trace, base).profile.cpu_adam_params_per_s == pytest.approx(host.cpu_adam_params_per_s, rel=0.02)
+
+
 def test_fit_uses_the_runs_cost_model_when_the_trace_names_it():
     """Durations from the cost model itself (matmuls at the true peak plus latency and elementwise
     work): the model-aware fit recovers the peak exactly where the FLOPs-only fit cannot."""
@@ -350,7 +365,8 @@ def test_the_probe_finds_the_per_task_costs_of_a_runtime_that_has_them():
     base = load_hardware("lsp-4090").replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0)
     rows = ("forward.gpu.keep", "forward.gpu.recompute", "backward.gpu.cpu", "recompute.gpu", "update.gpu",
             "update.gpu.fused", "update.cpu", "grad.d2h.grad", "load.h2d.w", "offload.d2h.act", "fetch.h2d.act",
-            "writeback.h2d.w", "writeback.d2h.w", "ssd_read.ssd_read.opt", "ssd_write.ssd_write.act")
+            "writeback.h2d.w", "writeback.d2h.w", "ssd_read.ssd_read.opt", "ssd_write.ssd_write.act",
+            "compress.gpu", "decompress.gpu")
     truth = {key: {"embed": 1e-4 * (k + 1), "block": 1e-3 * (k + 1), "head": 5e-4 * (k + 1)}
              for k, key in enumerate(rows)}
     runtime = base.replace(task_overheads=truth)
@@ -373,7 +389,8 @@ def test_quick_calibration_measures_every_kind_of_task_the_executor_runs(quick_p
     for key in ("forward.gpu.keep", "backward.gpu.keep", "forward.gpu.cpu", "forward.gpu.recompute", "recompute.gpu",
                 "update.gpu", "update.gpu.fused", "update.cpu", "grad.d2h.grad", "load.h2d.w", "writeback.h2d.w",
                 "writeback.d2h.w", "offload.d2h.act", "fetch.h2d.act", "ssd_read.ssd_read.w", "ssd_read.ssd_read.opt",
-                "ssd_read.ssd_read.act", "ssd_write.ssd_write.w", "ssd_write.ssd_write.opt", "ssd_write.ssd_write.act"):
+                "ssd_read.ssd_read.act", "ssd_write.ssd_write.w", "ssd_write.ssd_write.opt", "ssd_write.ssd_write.act",
+                "compress.gpu", "decompress.gpu"):
         assert set(hw.task_overheads[key]) == {"embed", "block", "head"}, key
         assert all(0 <= v < 1.0 for v in hw.task_overheads[key].values()), key
     assert hw.task_overheads["forward.gpu.keep"]["block"] > 0        # Python runs every op of a block

@@ -298,7 +298,8 @@ class LSPUpdate(UpdateStrategy):
             def give_back():
                 for t in out.values():
                     m.pool.put(t)
-            return [m.eng["h2d"].submit(copy_in, "writeback", L.i, it, ubytes, "upd", then=give_back)]
+            # tagged as the weights' writeback, the task the simulator's recipe charges for it
+            return [m.eng["h2d"].submit(copy_in, "writeback", L.i, it, ubytes, "w", then=give_back)]
         L.pending = m.eng["cpu"].submit(job, "update", L.i, it, after=futs)
         L.lsp_apply = (dev, it)
 

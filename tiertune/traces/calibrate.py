@@ -328,6 +328,7 @@ PROBE_PLANS = (
     LayerPlan(params="cpu", optimizer="cpu", activations="cpu", update="overlap"),   # load, offload, fetch
     LayerPlan(params="cpu", optimizer="gpu"),                              # writeback d2h
     LayerPlan(params="ssd", optimizer="ssd", activations="ssd", update="overlap"),   # SSD reads and writes
+    LayerPlan(optimizer="cpu", update="overlap", grad_rank=8),             # LSP: compress, subspace update, decompress
 )
 
 

@@ -22,7 +22,8 @@ the durations of the trace's tasks, grouped by resource and task kind:
   the typical transfer sets the latency, the total sets the speed). Copies are taken as pinned.
 - cpu `update`: params/s. Convention: an `update` event's bytes are the fp32 bytes of the
   parameters it updated, so params = bytes / 4; an event with no bytes (the executor records
-  none) counts its layer's parameters, from the cost model of the trace's run. The rate refit is AdamW's, or SGD's
+  none) counts its layer's parameters, from the cost model of the trace's run (at grad_rank d, the
+  compressed ones its subspace AdamW updates). The rate refit is AdamW's, or SGD's
   when the trace's optimizer is sgd (the cost model uses the AdamW rate for adalomo too), and the
   fixed cost per update when the updates come in several sizes.
 
@@ -432,16 +433,30 @@ def _latency_table(latency: float, link: Link, bws: dict[str, float], sizes: np.
 
 
 # --- CPU optimizer ---------------------------------------------------------------------------------------
-def _update_params(ev: pd.DataFrame, cm) -> pd.Series:
+def _update_params(ev: pd.DataFrame, cm, ranks: dict[int, int] | None = None) -> pd.Series:
     """Parameters each cpu `update` event updated: bytes / 4 by the trace convention; where an event
     records no bytes (the executor's updates do not), the layer's parameter count from the run's
-    cost model."""
+    cost model, or at grad_rank d (`ranks`: layer -> d, from the run's plan) the compressed count
+    its subspace AdamW updates (CostModel.compressed_params, as the simulator charges it)."""
     params = ev["bytes"].astype(float) / FP32_BYTES
     if cm is not None:
+        ranks = ranks or {}
         known = ev["layer"].between(0, len(cm.layers) - 1)
-        from_model = ev["layer"].where(known, 0).map(lambda i: float(cm.layers[int(i)].params))
+        from_model = ev["layer"].where(known, 0).map(
+            lambda i: float(cm.compressed_params(int(i), ranks[int(i)]) if ranks.get(int(i)) else cm.layers[int(i)].params))
         params = params.where(params > 0, from_model.where(known, 0.0))
     return params
+
+
+def _grad_ranks(trace: Trace) -> dict[int, int]:
+    """Layer -> grad_rank of the run's plan (LSP-Offload layers); empty without a readable plan."""
+    from tiertune.schedule import Plan
+
+    try:
+        plan = Plan.from_dict(trace.meta["plan"])
+    except (InputError, TypeError, ValueError, KeyError):
+        return {}
+    return {i: lp.grad_rank for i, lp in enumerate(plan.layers) if lp.grad_rank}
 
 
 def _fit_update(ev: pd.DataFrame, hw: HardwareProfile, optimizer: str,
@@ -588,7 +603,8 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
     cms = [_compute_model(t, base, dtype) for t in traces]
     evs = [_less_task_overheads(_with_overlaps(_events(t)), t, cm, base) for t, cm in zip(traces, cms)]
-    ev = pd.concat([e.assign(params=_update_params(e, cm)) for e, cm in zip(evs, cms)], ignore_index=True)
+    ev = pd.concat([e.assign(params=_update_params(e, cm, _grad_ranks(t))) for e, cm, t in zip(evs, cms, traces)],
+                   ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
     changes: dict = {}
     rows: list[FitRow] = []
