@@ -436,3 +436,29 @@ def test_a_fit_whose_intercept_would_take_everything_keeps_the_overhead_and_fits
     rows = {r.constant: r for r in fit.rows}
     assert rows["gpu bf16 peak"].after is not None and fit.profile.gpu_flops["bf16"] < base.gpu_flops["bf16"]
     assert rows["gpu task overhead"].after is None and fit.profile.gpu_task_overhead_s == base.gpu_task_overhead_s
+
+
+@pytest.mark.parametrize("flags,threads", [((), 1), (("--threads", "2"), 2)])
+def test_calibrate_and_execute_on_the_cpu_compute_on_the_same_thread_count(tmp_path, monkeypatch, flags, threads):
+    """A profile predicts runs made on the thread count it was measured on: `calibrate` and
+    `execute` (as `validate`) take one torch thread on a CPU standing in for the GPU, or --threads."""
+    import torch
+
+    import tiertune.traces.calibrate as cal
+
+    seen = []
+
+    def measure(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return load_hardware("lsp-4090"), None
+    monkeypatch.setattr(cal, "calibrate", measure)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert main(["calibrate", "--device", "cpu", "-o", str(tmp_path / "p.toml"), *flags]) == 0
+        torch.set_num_threads(3)
+        assert main(["execute", "--model", "tiny-llama", "--policy", "gpu-only", "--steps", "1", "--json", *flags]) == 0
+        seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(prev)
+    assert seen == [threads, threads]

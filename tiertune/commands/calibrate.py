@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tiertune.commands.common import COUNT, GIB
+from tiertune.commands.common import COUNT, GIB, THREADS, THREADS_HELP, set_compute_threads
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write_text, check_output
 from tiertune.hardware import GB, GiB, HardwareProfile, load_hardware, profile_from_dict
@@ -26,6 +26,7 @@ def register(sub) -> None:
     g.add_argument("--device-mem", type=GIB, default=None, metavar="GiB",
                    help="device memory budget (CPU default: a quarter of host RAM; CUDA default: total memory)")
     g.add_argument("--quick", action="store_true", help="a few seconds, small sizes (for tests)")
+    g.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     f = p.add_argument_group("fit to a measured trace")
     f.add_argument("--from-trace", default=None, metavar="TRACE", help="trace (.json/.parquet/.csv) whose task durations to fit")
     f.add_argument("--profile", default=None, help="base profile (.toml or preset); default: the trace's hardware")
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return _fit(args, out)
     if args.profile or args.dtype or args.optimizer:
         raise InputError("--profile, --dtype and --optimizer go with --from-trace")
+    set_compute_threads(args.threads, args.device)
     from tiertune.traces.calibrate import calibrate
 
     t0 = time.perf_counter()
@@ -90,8 +92,9 @@ def _fit(args: argparse.Namespace, out: Path) -> int:
     from tiertune.traces.fit import fit_profile
     from tiertune.traces.trace import Trace
 
-    if args.quick or args.device or args.offload_dir or args.device_mem is not None:
-        raise InputError("--quick, --device, --offload-dir and --device-mem are for microbenchmarks, not --from-trace")
+    if args.quick or args.device or args.offload_dir or args.device_mem is not None or args.threads:
+        raise InputError("--quick, --device, --offload-dir, --device-mem and --threads are for microbenchmarks, "
+                         "not --from-trace")
     trace = Trace.load(args.from_trace)
     base = _base_profile(args, trace)
     result = fit_profile(trace, base, dtype=args.dtype, optimizer=args.optimizer, min_events=args.min_events,

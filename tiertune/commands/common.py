@@ -49,6 +49,24 @@ FRACTION = number(float, 0, 1, low_open=True)      # (0, 1]
 LEARNING_RATE = number(float, 0, MAX_LEARNING_RATE, low_open=True)
 
 
+THREADS_HELP = ("torch compute threads (default 1 on cpu: the main thread is the GPU, the copy and optimizer "
+                "threads get the other cores; torch's default on cuda). calibrate, execute and validate must "
+                "measure and run alike: a profile measured on another count mispredicts every task")
+
+
+def set_compute_threads(threads: int | None, device: str | None) -> None:
+    """torch's intra-op thread count for a command that times or runs work: `threads`, else 1 when
+    the CPU stands in for the GPU (device "cpu", or none given and torch sees no GPU), else torch's
+    default. One rule for calibrate, execute and validate, so a profile is measured the way the
+    executor then runs."""
+    import torch
+
+    if threads is None and (device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())):
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def add_workload_args(p: argparse.ArgumentParser, hardware: bool = True, default_seq: int | None = None) -> None:
     p.add_argument("--model", required=True, help="model preset name or a directory with an HF config.json")
     if hardware:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tiertune.commands.common import COUNT, GIB, LEARNING_RATE, SEED, number, print_json
+from tiertune.commands.common import (COUNT, GIB, LEARNING_RATE, SEED, THREADS, THREADS_HELP, number, print_json,
+                                      set_compute_threads)
 from tiertune.errors import InputError
 from tiertune.executor.lr_schedule import SCHEDULES
 from tiertune.limits import MAX_COUNT
@@ -82,6 +83,7 @@ def register(sub) -> None:
                    help="dropout probability of an HF model's layers (default: its config.json)")
     p.add_argument("--seed", type=SEED, default=None,
                    help="seed of the initial weights (built-in models), dropout masks and the data order (default 0)")
+    p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -152,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dropout is not None and args.dropout >= 1:
         raise InputError(f"--dropout must be below 1, got {args.dropout:g}")
     resume_state = _resume_defaults(args)
+    set_compute_threads(args.threads, args.device)
 
     from tiertune.hardware import load_hardware
     from tiertune.workload import load_model

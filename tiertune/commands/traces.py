@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from tiertune.commands.common import COUNT, GIB, THREADS, print_json
+from tiertune.commands.common import COUNT, GIB, THREADS, THREADS_HELP, print_json, set_compute_threads
 from tiertune.errors import InputError
 from tiertune.fileio import check_output, check_output_dir
 
@@ -37,9 +37,7 @@ def register(sub) -> None:
     v.add_argument("--steps", type=COUNT, required=True, help="steps to execute (>= 2: the first is warm-up)")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     v.add_argument("--offload-dir", default=None, help="directory for SSD-homed state (default: a temporary one)")
-    v.add_argument("--threads", type=THREADS, default=None,
-                   help="torch compute threads for calibration and run (default 1 on cpu: the main thread is the "
-                        "GPU, the copy and optimizer threads get the other cores; torch's default on cuda)")
+    v.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     v.add_argument("--trace-dir", default=None, help="write measured.json and predicted.json here")
     v.add_argument("--plot", default=None, metavar="OUT", help="side-by-side timeline (OUT.png and OUT.svg)")
     v.add_argument("--json", action="store_true")
@@ -95,13 +93,10 @@ def run_validate(args: argparse.Namespace) -> int:
     from tiertune.workload import load_model
 
     spec = load_model(args.model)
-    threads = args.threads or (1 if args.device == "cpu" else None)
-    if threads:
-        import torch
-        # On a CPU standing in for the GPU, a second intra-op thread fights the executor's copy and
-        # optimizer threads for the cores (and on a shared machine waits a scheduler quantum per op
-        # while another process holds a core): timings then say more about the load than the plan.
-        torch.set_num_threads(threads)
+    # On a CPU standing in for the GPU, a second intra-op thread fights the executor's copy and
+    # optimizer threads for the cores (and on a shared machine waits a scheduler quantum per op
+    # while another process holds a core): timings then say more about the load than the plan.
+    set_compute_threads(args.threads, args.device)
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     if args.profile:
         hw = load_hardware(args.profile)
