@@ -354,15 +354,18 @@ def test_a_bad_task_overhead_table_is_one_clear_error(tmp_path, capsys, table, w
     assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
 
 
-def test_the_probe_finds_the_per_task_costs_of_a_runtime_that_has_them():
+@pytest.mark.parametrize("contention", [{}, {"gpu": {"cpu": 0.5}, "cpu": {"gpu": 0.8}}])
+def test_the_probe_finds_the_per_task_costs_of_a_runtime_that_has_them(contention):
     """What the probe measures less what the cost model charges for a task of the probe's size is
     the runtime's fixed cost of that task: on a 'runtime' that is the simulator with a known table,
     every row the probe plans exercise comes back, for every layer kind, with the hand-off to a
-    worker thread added to the rows of the tasks worker threads run."""
+    worker thread added to the rows of the tasks worker threads run. Where the device and the CPU
+    slow each other down (the profile's measured contention), what a task took beside the other is
+    taken back to what it takes alone: the engine slows it again where it overlaps."""
     from tiertune.simulator import simulate
     from tiertune.traces.calibrate import PROBE_MODEL, PROBE_TRAIN, probe_overheads
 
-    base = load_hardware("lsp-4090").replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0)
+    base = load_hardware("lsp-4090").replace(gpu_task_overhead_s=0.0, update_overhead_s=0.0, contention=contention)
     rows = ("forward.gpu.keep", "forward.gpu.recompute", "backward.gpu.cpu", "recompute.gpu", "update.gpu",
             "update.gpu.fused", "update.cpu", "grad.d2h.grad", "load.h2d.w", "offload.d2h.act", "fetch.h2d.act",
             "writeback.h2d.w", "writeback.d2h.w", "ssd_read.ssd_read.opt", "ssd_write.ssd_write.act",
@@ -393,6 +396,9 @@ def test_quick_calibration_measures_every_kind_of_task_the_executor_runs(quick_p
                 "compress.gpu", "decompress.gpu"):
         assert set(hw.task_overheads[key]) == {"embed", "block", "head"}, key
         assert all(0 <= v < 1.0 for v in hw.task_overheads[key].values()), key
+    # the device and the CPU optimizer slowing each other down, measured (0 where they do not)
+    assert set(hw.contention) == {"gpu", "cpu"} and set(hw.contention["gpu"]) == {"cpu"} and set(hw.contention["cpu"]) == {"gpu"}
+    assert all(0 <= x <= 9 for row in hw.contention.values() for x in row.values())
     assert hw.task_overheads["forward.gpu.keep"]["block"] > 0        # Python runs every op of a block
     assert hw.gpu_task_overhead_s == 0 and hw.update_overhead_s == 0
 

@@ -8,6 +8,9 @@ measured size-dependent efficiency tables (Calculon's form) besides the peaks:
 - device memory bandwidth (a large elementwise add);
 - SSD read/write under an offload directory, with the page cache bypassed (O_DIRECT) or dropped;
 - CPU AdamW / SGD throughput in params/s of the executor's own per-parameter update;
+- contention: how much the device's compute and the CPU optimizer slow each other down when they
+  run at once (a block's forward and backward beside the executor's CPU AdamW thread, and the
+  reverse; on a CPU standing in for the GPU they share cores, caches and the GIL);
 - the runtime's fixed cost of every kind of task (HardwareProfile.task_overheads): the executor
   itself, its copy engines, hooks and SSD store, running a model too small for its arithmetic or
   bytes to count, under plans that between them run every kind of task (`probe_overheads`).
@@ -60,6 +63,7 @@ class Settings:
     ssd_sizes: tuple[int, ...]
     optim_params: int
     probe_steps: int              # steady steps of each probe plan (the runtime's per-task costs)
+    contention_rounds: int        # alternations of alone / beside in the contention benchmark
     repeats: int
     call_budget_s: float          # skip a benchmark size whose single call would take longer
 
@@ -71,12 +75,12 @@ def settings_for(device: str, quick: bool) -> Settings:
         # run at. Smaller sizes alone leave the peak to a cache-resident matmul and copy, and the
         # simulator then misjudged layer times by 10-20% in either direction (bench_fidelity.py).
         return Settings(hiddens=(128, 256, 512), tokens=256, copy_sizes=pow2(16, 25, 3), membw_bytes=64 * MiB,
-                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, probe_steps=8, repeats=3, call_budget_s=0.05)
+                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, probe_steps=8, contention_rounds=3, repeats=3, call_budget_s=0.05)
     gpu = device == "cuda"
     return Settings(hiddens=(1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048),
                     tokens=4096 if gpu else 512, copy_sizes=pow2(16, 28), membw_bytes=(1 << 30) if gpu else 256 * MiB,
                     ssd_sizes=(256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
-                    optim_params=16 << 20, probe_steps=12, repeats=5, call_budget_s=1.0)
+                    optim_params=16 << 20, probe_steps=12, contention_rounds=5, repeats=5, call_budget_s=1.0)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class Measurements:
     # the executor's fixed cost per task: {"<kind>.<resource>[.<what>]": {layer kind: seconds}}
     task_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
     probe_steps: int = 0                # steady steps each probe plan ran
+    # HardwareProfile.contention: {victim: {busy resource: factor}} from `Bench.contention`
+    contention: dict[str, dict[str, float]] = field(default_factory=dict)
     handoff_s: float = 0.0              # one hand-off to or from a worker thread
     notes: list[str] = field(default_factory=list)
 
@@ -300,6 +306,82 @@ class Bench:
         self.m.notes.append(f"CPU adamw/sgd: the executor's per-parameter update on {torch.get_num_threads()} threads")
 
 
+    def contention(self) -> None:
+        """How much the device's compute and the CPU optimizer slow each other down
+        (HardwareProfile.contention): a block's forward and backward on the device thread, timed
+        alone and while the executor's `cpu` Engine runs its AdamW step back to back; that step
+        timed alone in the Engine and while the device thread computes. Alone and beside alternate
+        over `contention_rounds` rounds (a shared machine's load drifts); the factor is the ratio of
+        the medians less 1 (the engine runs a task at 1 / (1 + factor) of its speed while the other
+        is busy). On a CPU standing in for the GPU the two share cores, caches and the GIL: without
+        it a fresh profile predicted ZeRO-Offload and LSP-Offload, whose CPU update runs beside the
+        next forward, 30-40% short."""
+        import threading
+
+        from tiertune.executor.device import Engine, Recorder
+        from tiertune.executor.models import build_model
+        from tiertune.executor.runtime import SWITCH_INTERVAL_S
+        from tiertune.executor.updates import OptimConfig, state_shapes
+        from tiertune.executor.updates import step as optim_step
+
+        torch, sync = self.torch, self.sync
+        block = build_model(CONTENTION_MODEL, 0)[1].to(self.device)
+        x = torch.randn(CONTENTION_TRAIN.batch, CONTENTION_TRAIN.seq_len, CONTENTION_MODEL.hidden,
+                        device=self.device, requires_grad=True)
+        cfg = OptimConfig(name="adamw", lr=1e-4)
+        n = self.s.optim_params
+        params = [torch.randn(n // 4) for _ in range(4)]
+        grads = [torch.randn_like(p) for p in params]
+        states = [{k: torch.zeros(shape) for k, shape in state_shapes(cfg, p.shape).items()} for p in params]
+        counter = iter(range(1, 1 << 30))
+
+        def device_step() -> None:
+            block(x).sum().backward()
+            sync()
+
+        def cpu_step() -> None:
+            t = next(counter)
+            for p, g, st in zip(params, grads, states):
+                optim_step(cfg, t, p, g, st)
+
+        def timed(fn: Callable[[], None], k: int) -> list[float]:
+            out = []
+            for _ in range(k):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            return out
+
+        eng = Engine("cpu", Recorder(cuda=False), torch.device(self.device))
+        prev = sys.getswitchinterval()
+        sys.setswitchinterval(min(prev, SWITCH_INTERVAL_S))       # as the executor steps
+        dev_alone, dev_beside, cpu_alone, cpu_beside = [], [], [], []
+        try:
+            for _ in range(2):                                      # warm-up
+                device_step()
+                eng.submit(cpu_step, "update", 0, 0).result()
+            for _ in range(self.s.contention_rounds):
+                dev_alone += timed(device_step, 8)
+                stop = threading.Event()
+                busy = eng.submit(lambda: [cpu_step() for _ in iter(stop.is_set, True)], "update", 0, 0)
+                dev_beside += timed(device_step, 8)
+                stop.set()
+                busy.result()
+                cpu_alone += eng.submit(lambda: timed(cpu_step, 4), "update", 0, 0).result()
+                beside = eng.submit(lambda: timed(cpu_step, 4), "update", 0, 0)
+                while not beside.done():
+                    device_step()
+                cpu_beside += beside.result()
+        finally:
+            sys.setswitchinterval(prev)
+            eng.close()
+
+        def factor(alone: list[float], beside: list[float]) -> float:
+            return round(min(max(float(np.median(beside) / np.median(alone)) - 1.0, 0.0), MAX_CONTENTION), 4)
+        self.m.contention = {"gpu": {"cpu": factor(dev_alone, dev_beside)}, "cpu": {"gpu": factor(cpu_alone, cpu_beside)}}
+        self.m.notes.append("contention: a block's forward and backward beside the executor's CPU AdamW and the "
+                            f"reverse, {self.s.contention_rounds} rounds")
+
     def overheads(self, base: HardwareProfile, offload_dir: Path) -> None:
         """The runtime's fixed cost per task (HardwareProfile.task_overheads), see probe_overheads."""
         self.m.handoff_s = handoff_s(self.device)
@@ -320,6 +402,12 @@ class Bench:
 PROBE_MODEL = ModelSpec(name="probe-llama", arch="llama", vocab_size=256, hidden=32, n_layers=2, n_heads=2,
                         n_kv_heads=1, ffn_hidden=64, max_seq_len=8)
 PROBE_TRAIN = TrainSpec(batch=1, seq_len=8, dtype="fp32", optimizer="adamw")
+# The contention benchmark's device work: one block big enough that its arithmetic counts (a few ms
+# on one CPU core), small enough to repeat within the benchmark's second or two.
+CONTENTION_MODEL = ModelSpec(name="contention-llama", arch="llama", vocab_size=256, hidden=128, n_layers=1,
+                             n_heads=4, n_kv_heads=2, ffn_hidden=352, max_seq_len=64)
+CONTENTION_TRAIN = TrainSpec(batch=4, seq_len=64, dtype="fp32", optimizer="adamw")
+MAX_CONTENTION = 9.0              # a resource slows another 10x at most (as traces.fit caps it)
 # Between them the executor's every kind of task, on each of its paths.
 PROBE_PLANS = (
     LayerPlan(),                                                           # compute, device update
@@ -336,18 +424,31 @@ def task_key(kind: str, resource: str, what: str) -> str:
     return f"{kind}.{resource}.{what}" if what else f"{kind}.{resource}"
 
 
-def _probe_tasks(trace: Trace, plan: Plan, kinds: list[str]) -> pd.DataFrame:
+def _probe_tasks(trace: Trace, plan: Plan, kinds: list[str],
+                 contention: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
     """Per kind of task (key, see HardwareProfile.task_overheads) and layer kind: the mean seconds
     of one task over a trace's steady iterations. The executor records an update in the gradient
     hooks per parameter and the simulator one per layer: there, the mean per parameter times the
     parameters per layer. Means, not medians: what adds up to a step's expected time is each task's
     expected time, and on a machine shared with other work that includes the time slices a task
-    now and then waits out (the two agree on a quiet machine)."""
-    from tiertune.traces.fit import task_whats
+    now and then waits out (the two agree on a quiet machine). With `contention` (the profile's),
+    each task's duration is taken back to what it would have been with nothing beside it, the
+    inverse of what the engine does: d (1 - sum over busy s of f_s c_s / (1 + c_s)), f_s the share
+    of its time s was busy; otherwise the engine would slow it down twice."""
+    from tiertune.traces.fit import task_whats, with_overlaps
 
     ev = trace.steady_events()
     what = task_whats(ev, plan)
-    ev = ev.assign(d=own_durations(ev), key=[task_key(k, r, w) for k, r, w in zip(ev["kind"], ev["resource"], what)],
+    d = own_durations(ev)
+    if contention:
+        busy = with_overlaps(trace.events).loc[ev.index]       # what ran beside it, from any iteration
+        alone = np.ones(len(ev))
+        for victim, row in contention.items():
+            mine = (ev["resource"] == victim).to_numpy()
+            for r, c in row.items():
+                alone -= np.where(mine, busy[f"busy_{r}"].to_numpy(float) * c / (1.0 + c), 0.0)
+        d = d * np.clip(alone, 0.0, 1.0)
+    ev = ev.assign(d=d, key=[task_key(k, r, w) for k, r, w in zip(ev["kind"], ev["resource"], what)],
                    layer_kind=[kinds[int(i)] for i in ev["layer"]])
     per = ev.groupby(["key", "layer_kind"])["d"].mean()
     per_layer = ev.groupby(["key", "layer_kind", "layer", "iteration"]).size().groupby(["key", "layer_kind"]).median()
@@ -421,7 +522,7 @@ def probe_overheads(base: HardwareProfile, run: Callable[[Plan], Trace], handoff
         trace = run(plan)
         if k == 0:
             gap = issue_gap_s(trace)
-        measured.append(_probe_tasks(trace, plan, kinds))
+        measured.append(_probe_tasks(trace, plan, kinds, base.contention))
         predicted.append(_probe_tasks(simulate(PROBE_MODEL, PROBE_TRAIN, bare, plan, iterations=2).trace, plan, kinds))
     meas = pd.concat(measured).groupby(["key", "layer_kind"])["d"].mean()   # over the plans that run it
     pred = pd.concat(predicted).groupby(["key", "layer_kind"])["d"].mean()
@@ -599,6 +700,8 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
             ssd_capacity = shutil.disk_usage(where).free
             bar.set_postfix_str("cpu optimizers")
             bench.optimizers()
+            bar.set_postfix_str("contention")
+            bench.contention()
             bar.update()
             bar.set_postfix_str("per-task costs")
             profile = build_profile(m, device, duplex, ssd_capacity, device_mem_gib, name, bench)
@@ -679,5 +782,6 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         ssd_capacity_bytes=ssd_capacity,
         ssd_duplex=m.ssd_duplex,
         ssd_efficiency=ssd_eff,
+        contention=m.contention,
         source="calibrated",
     )

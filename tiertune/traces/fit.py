@@ -527,7 +527,7 @@ MIN_OVERLAP = 0.05           # an event counts as overlapped with a resource bey
 MAX_K = 0.9                  # c / (1 + c) at most: a resource slows another 10x at most
 
 
-def _with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
+def with_overlaps(ev: pd.DataFrame) -> pd.DataFrame:
     """Add `busy_<resource>` columns: the fraction of each event's duration during which that other
     resource ran something (its events' union, within the same trace)."""
     ev = ev.copy()
@@ -602,7 +602,7 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     dtype = dtype or _meta_train(traces[0], "dtype") or ("bf16" if "bf16" in base.gpu_flops else next(iter(base.gpu_flops)))
     optimizer = optimizer or _meta_train(traces[0], "optimizer") or "adamw"
     cms = [_compute_model(t, base, dtype) for t in traces]
-    evs = [_less_task_overheads(_with_overlaps(_events(t)), t, cm, base) for t, cm in zip(traces, cms)]
+    evs = [_less_task_overheads(with_overlaps(_events(t)), t, cm, base) for t, cm in zip(traces, cms)]
     ev = pd.concat([e.assign(params=_update_params(e, cm, _grad_ranks(t))) for e, cm, t in zip(evs, cms, traces)],
                    ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
