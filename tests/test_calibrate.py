@@ -397,7 +397,9 @@ def test_quick_calibration_measures_every_kind_of_task_the_executor_runs(quick_p
         assert set(hw.task_overheads[key]) == {"embed", "block", "head"}, key
         assert all(0 <= v < 1.0 for v in hw.task_overheads[key].values()), key
     # the device and the CPU optimizer slowing each other down, measured (0 where they do not)
-    assert set(hw.contention) == {"gpu", "cpu"} and set(hw.contention["gpu"]) == {"cpu"} and set(hw.contention["cpu"]) == {"gpu"}
+    assert hw.contention.keys() == {"gpu", "cpu", "h2d", "d2h"}
+    assert hw.contention["gpu"].keys() == {"cpu"} and hw.contention["cpu"].keys() == {"gpu"}
+    assert hw.contention["h2d"] == hw.contention["d2h"] and hw.contention["h2d"].keys() == {"gpu", "cpu"}
     assert all(0 <= x <= 9 for row in hw.contention.values() for x in row.values())
     assert hw.task_overheads["forward.gpu.keep"]["block"] > 0        # Python runs every op of a block
     assert hw.gpu_task_overhead_s == 0 and hw.update_overhead_s == 0

@@ -307,16 +307,18 @@ class Bench:
 
 
     def contention(self) -> None:
-        """How much the device's compute and the CPU optimizer slow each other down
-        (HardwareProfile.contention): a block's forward and backward on the device thread, timed
-        alone and while the executor's `cpu` Engine runs its AdamW step back to back; that step
-        timed alone in the Engine and while the device thread computes. Alone and beside alternate
-        over `contention_rounds` rounds (a shared machine's load drifts); the factor is the ratio of
-        the medians less 1 (the engine runs a task at 1 / (1 + factor) of its speed while the other
-        is busy). On a CPU standing in for the GPU the two share cores, caches and the GIL: without
-        it a fresh profile predicted ZeRO-Offload and LSP-Offload, whose CPU update runs beside the
-        next forward, 30-40% short."""
+        """How much the device's compute, the CPU optimizer and the copies slow each other down when
+        they run at once (HardwareProfile.contention). Each is the executor's own work on its own
+        thread: a block's forward and backward on the device thread, the executor's AdamW step in a
+        `cpu` Engine, an 8 MiB copy in an `h2d` Engine. A victim is timed alone and while an
+        aggressor runs back to back, alternating over `contention_rounds` rounds (a shared machine's
+        load drifts); the factor is the ratio of the medians less 1 (the engine runs a task at
+        1 / (1 + factor) of its speed while the other is busy). Copies both ways share one factor
+        (the same copy in either direction). On a CPU standing in for the GPU they share cores,
+        caches, memory bandwidth and the GIL: without it a fresh profile predicted ZeRO-Offload and
+        LSP-Offload, whose CPU update runs beside the next forward, 30-40% short."""
         import threading
+        from concurrent.futures import Future
 
         from tiertune.executor.device import Engine, Recorder
         from tiertune.executor.models import build_model
@@ -334,6 +336,8 @@ class Bench:
         grads = [torch.randn_like(p) for p in params]
         states = [{k: torch.zeros(shape) for k, shape in state_shapes(cfg, p.shape).items()} for p in params]
         counter = iter(range(1, 1 << 30))
+        host = torch.ones(CONTENTION_COPY_BYTES, dtype=torch.uint8, pin_memory=self.cuda)
+        dev = torch.empty(CONTENTION_COPY_BYTES, dtype=torch.uint8, device=self.device)
 
         def device_step() -> None:
             block(x).sum().backward()
@@ -344,43 +348,73 @@ class Bench:
             for p, g, st in zip(params, grads, states):
                 optim_step(cfg, t, p, g, st)
 
-        def timed(fn: Callable[[], None], k: int) -> list[float]:
+        def copy_step() -> None:
+            dev.copy_(host, non_blocking=True)
+            if self.cuda:                                  # the Engine's stream: wait for the copy itself
+                torch.cuda.current_stream().synchronize()
+
+        work = {"gpu": device_step, "cpu": cpu_step, "h2d": copy_step}
+        reps = {"gpu": 8, "cpu": 4, "h2d": 8}
+
+        def timed(r: str) -> list[float]:
             out = []
-            for _ in range(k):
+            for _ in range(reps[r]):
                 t0 = time.perf_counter()
-                fn()
+                work[r]()
                 out.append(time.perf_counter() - t0)
             return out
 
-        eng = Engine("cpu", Recorder(cuda=False), torch.device(self.device))
-        prev = sys.getswitchinterval()
-        sys.setswitchinterval(min(prev, SWITCH_INTERVAL_S))       # as the executor steps
-        dev_alone, dev_beside, cpu_alone, cpu_beside = [], [], [], []
-        try:
-            for _ in range(2):                                      # warm-up
-                device_step()
-                eng.submit(cpu_step, "update", 0, 0).result()
-            for _ in range(self.s.contention_rounds):
-                dev_alone += timed(device_step, 8)
-                stop = threading.Event()
-                busy = eng.submit(lambda: [cpu_step() for _ in iter(stop.is_set, True)], "update", 0, 0)
-                dev_beside += timed(device_step, 8)
+        engines = {r: Engine(r, Recorder(cuda=False), torch.device(self.device)) for r in ("cpu", "h2d")}
+
+        def victim(r: str) -> list[float] | Future:
+            """Time r where it runs: the device thread here, else its Engine (a future)."""
+            return timed(r) if r == "gpu" else engines[r].submit(lambda: timed(r), "contention", 0, 0)
+
+        def result(out: list[float] | Future) -> list[float]:
+            return out if isinstance(out, list) else out.result()
+
+        def beside(v: str, a: str) -> list[float]:
+            if a == "gpu":                                  # the device thread is the aggressor
+                fut = victim(v)
+                while not fut.done():
+                    device_step()
+                return fut.result()
+            stop = threading.Event()
+            busy = engines[a].submit(lambda: [work[a]() for _ in iter(stop.is_set, True)], "contention", 0, 0)
+            try:
+                return result(victim(v))
+            finally:
                 stop.set()
                 busy.result()
-                cpu_alone += eng.submit(lambda: timed(cpu_step, 4), "update", 0, 0).result()
-                beside = eng.submit(lambda: timed(cpu_step, 4), "update", 0, 0)
-                while not beside.done():
-                    device_step()
-                cpu_beside += beside.result()
+
+        pairs = (("gpu", "cpu"), ("cpu", "gpu"), ("h2d", "gpu"), ("h2d", "cpu"))
+        alone: dict[str, list[float]] = {r: [] for r in work}
+        with_: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
+        prev = sys.getswitchinterval()
+        sys.setswitchinterval(min(prev, SWITCH_INTERVAL_S))       # as the executor steps
+        try:
+            for r in work:                                          # warm-up
+                result(victim(r))
+            for _ in range(self.s.contention_rounds):
+                for r in work:
+                    alone[r] += result(victim(r))
+                for v, a in pairs:
+                    with_[v, a] += beside(v, a)
         finally:
             sys.setswitchinterval(prev)
-            eng.close()
+            for eng in engines.values():
+                eng.close()
 
-        def factor(alone: list[float], beside: list[float]) -> float:
-            return round(min(max(float(np.median(beside) / np.median(alone)) - 1.0, 0.0), MAX_CONTENTION), 4)
-        self.m.contention = {"gpu": {"cpu": factor(dev_alone, dev_beside)}, "cpu": {"gpu": factor(cpu_alone, cpu_beside)}}
-        self.m.notes.append("contention: a block's forward and backward beside the executor's CPU AdamW and the "
-                            f"reverse, {self.s.contention_rounds} rounds")
+        def factor(v: str, a: str) -> float:
+            x = float(np.median(with_[v, a]) / np.median(alone[v])) - 1.0
+            return round(min(max(x, 0.0), MAX_CONTENTION), 4)
+        table: dict[str, dict[str, float]] = {}
+        for v, a in pairs:
+            table.setdefault(v, {})[a] = factor(v, a)
+        table["d2h"] = dict(table["h2d"])
+        self.m.contention = table
+        self.m.notes.append("contention: the device's block, the executor's CPU AdamW and a copy, each beside "
+                            f"the others, {self.s.contention_rounds} rounds")
 
     def overheads(self, base: HardwareProfile, offload_dir: Path) -> None:
         """The runtime's fixed cost per task (HardwareProfile.task_overheads), see probe_overheads."""
@@ -407,6 +441,7 @@ PROBE_TRAIN = TrainSpec(batch=1, seq_len=8, dtype="fp32", optimizer="adamw")
 CONTENTION_MODEL = ModelSpec(name="contention-llama", arch="llama", vocab_size=256, hidden=128, n_layers=1,
                              n_heads=4, n_kv_heads=2, ffn_hidden=352, max_seq_len=64)
 CONTENTION_TRAIN = TrainSpec(batch=4, seq_len=64, dtype="fp32", optimizer="adamw")
+CONTENTION_COPY_BYTES = 8 * MiB   # a layer's weights or activations of the small models this runs
 MAX_CONTENTION = 9.0              # a resource slows another 10x at most (as traces.fit caps it)
 # Between them the executor's every kind of task, on each of its paths.
 PROBE_PLANS = (
