@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
+from itertools import compress
+from operator import not_
 
 from tiertune.simulator.builder import TaskGraph
 from tiertune.vocab import TIERS
@@ -51,31 +53,32 @@ class EngineRun:
 def run(g: TaskGraph) -> EngineRun:
     n = len(g.duration)
     dur = g.duration
-    pool_of_res = g.pool
-    pool = [pool_of_res[r] for r in g.resource]
+    pool = list(map(g.pool.__getitem__, g.resource))     # slot pool of each task
     ag, ac, asd = g.alloc
     fg, fc, fsd = g.free
     succ = g.succ
     npred = list(g.npred)
     slots = list(g.pool_slots)
     npools = len(slots)
+    # pools_in[m]: the pools whose bit is set in m. A dispatch round looks only at the pools that
+    # changed since the last one (a slot came free, a task became ready) and those whose most
+    # urgent task waits for memory: every other pool has no free slot or nothing ready, as it had
+    # at the end of the last round, so the round starts what a scan of every pool would.
+    pools_in = [tuple(p for p in range(npools) if m >> p & 1) for m in range(1 << npools)]
     ready: list[list[int]] = [[] for _ in range(npools)]
-    for t in range(n):
-        if npred[t] == 0:
-            ready[pool[t]].append(t)                # ascending ids: already valid heaps
+    for t in compress(range(n), map(not_, npred)):
+        ready[pool[t]].append(t)                    # ascending ids: already valid heaps
+    dirty = (1 << npools) - 1                       # bit p: pool p changed since the last round
+    waiting = 0                                     # bit p: pool p's most urgent task waits for memory
     cap_g, cap_c, cap_s = g.capacity
     used_g, used_c, used_s = g.resident
     peak_g, peak_c, peak_s = used_g, used_c, used_s
     start = [0.0] * n
     end = [0.0] * n
-    mem_time = [0.0, 0.0, 0.0]
-    mem_tier = [0, 1, 2]
-    mem_bytes = [used_g, used_c, used_s]
-    t_app, k_app, b_app = mem_time.append, mem_tier.append, mem_bytes.append
+    mem = [0.0, 0, used_g, 0.0, 1, used_c, 0.0, 2, used_s]    # (time, tier, bytes in use) per change
+    sample = mem.extend
     events: list[tuple[float, int]] = []
     now = 0.0
-    done = 0
-    pools = range(npools)
     cont = g.contention
     if cont:
         res_of = g.resource
@@ -92,9 +95,12 @@ def run(g: TaskGraph) -> EngineRun:
 
     while True:
         # --- start whatever can start now, most urgent id first across resources ---
-        cand = [(ready[p][0], p) for p in pools if slots[p] and ready[p]]
-        if cand:
-            heapify(cand)
+        look = dirty | waiting
+        if look:
+            dirty = waiting = 0
+            cand = [(ready[p][0], p) for p in pools_in[look] if slots[p] and ready[p]]
+            if len(cand) > 1:
+                heapify(cand)
             blocked = 0                              # bit per tier: an earlier task waits for memory there
             while cand:
                 t, p = heappop(cand)
@@ -111,22 +117,23 @@ def run(g: TaskGraph) -> EngineRun:
                         # Only the tiers it waits on are reserved for it: reserving all of its tiers
                         # could block the very task whose end frees what it waits for.
                         blocked |= fail
+                        waiting |= 1 << p
                         continue                     # this resource waits for its most urgent task
                     if a1:
                         used_g += a1
                         if used_g > peak_g:
                             peak_g = used_g
-                        t_app(now); k_app(0); b_app(used_g)
+                        sample((now, 0, used_g))
                     if a2:
                         used_c += a2
                         if used_c > peak_c:
                             peak_c = used_c
-                        t_app(now); k_app(1); b_app(used_c)
+                        sample((now, 1, used_c))
                     if a3:
                         used_s += a3
                         if used_s > peak_s:
                             peak_s = used_s
-                        t_app(now); k_app(2); b_app(used_s)
+                        sample((now, 2, used_s))
                 q = ready[p]
                 heappop(q)
                 slots[p] -= 1
@@ -141,7 +148,7 @@ def run(g: TaskGraph) -> EngineRun:
                     fresh = True
                 else:
                     heappush(events, (now + dur[t], t))
-                if slots[p] and q:
+                if q and slots[p]:
                     heappush(cand, (q[0], p))
         if cont:
             if mask != busy_set or fresh:
@@ -167,8 +174,9 @@ def run(g: TaskGraph) -> EngineRun:
         now, t = heappop(events)
         while True:
             end[t] = now
-            done += 1
-            slots[pool[t]] += 1
+            p = pool[t]
+            slots[p] += 1
+            dirty |= 1 << p
             if cont:
                 due[t] = -2.0
                 r = res_of[t]
@@ -179,17 +187,20 @@ def run(g: TaskGraph) -> EngineRun:
             f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
             if f1:
                 used_g -= f1
-                t_app(now); k_app(0); b_app(used_g)
+                sample((now, 0, used_g))
             if f2:
                 used_c -= f2
-                t_app(now); k_app(1); b_app(used_c)
+                sample((now, 1, used_c))
             if f3:
                 used_s -= f3
-                t_app(now); k_app(2); b_app(used_s)
+                sample((now, 2, used_s))
             for s in succ[t]:
-                npred[s] -= 1
-                if not npred[s]:
-                    heappush(ready[pool[s]], s)
+                k = npred[s] - 1
+                npred[s] = k
+                if not k:
+                    p = pool[s]
+                    heappush(ready[p], s)
+                    dirty |= 1 << p
             if cont:
                 while events and due[events[0][1]] != events[0][0]:
                     heappop(events)
@@ -197,9 +208,9 @@ def run(g: TaskGraph) -> EngineRun:
                 break
             t = heappop(events)[1]
 
-    if done < n:
+    if any(ready) or any(npred):                 # something never ran
         raise _stall(g, ready, npred, (used_g, used_c, used_s))
-    return EngineRun(start, end, mem_time, mem_tier, mem_bytes, [peak_g, peak_c, peak_s])
+    return EngineRun(start, end, mem[0::3], mem[1::3], mem[2::3], [peak_g, peak_c, peak_s])
 
 
 def _stall(g: TaskGraph, ready: list[list[int]], npred: list[int], used: tuple[int, int, int]) -> SimStall:

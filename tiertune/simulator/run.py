@@ -6,9 +6,11 @@ and the `Trace` (a pandas table) is only built when someone reads `SimResult.tra
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tiertune.hardware import HardwareProfile
@@ -95,8 +97,25 @@ def simulate(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan
     t0 = time.perf_counter()
     k = plan.globals.iterations if iterations is None else iterations
     cm, flops = _cached(model, train, hw)
-    g = builder.build(model, train, hw, plan, k, cm)
-    return run_graph(g, model, train, hw, plan, flops, t0)
+    with _collector_paused():
+        g = builder.build(model, train, hw, plan, k, cm)
+        return run_graph(g, model, train, hw, plan, flops, t0)
+
+
+@contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector while one plan is simulated. A simulation makes
+    thousands of lists and builds no reference cycles, so a collection in the middle finds
+    nothing to free; it only walks (and promotes to older generations) the graph being built,
+    and in a planner process a full collection also walks every module loaded (ortools, pandas).
+    Reference counting frees the graph as usual once the result is dropped."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan,
@@ -122,18 +141,15 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
     except engine.SimStall as exc:
         return failed(str(exc), exc.tier, list(g.resident))
 
-    ends = [0.0] * k
-    for t, e in enumerate(run.end):
-        it = g.iteration[t]
+    ends = [0.0] * k                       # when each iteration's last task ends
+    busy = [0.0] * len(RESOURCES)          # work per resource over the steady iterations
+    first_steady = 1 if k > 1 else 0
+    for it, e, r, d in zip(g.iteration, run.end, g.resource, g.duration):
         if e > ends[it]:
             ends[it] = e
+        if it >= first_steady:
+            busy[r] += d
     iteration_s = (ends[-1] - ends[0]) / (k - 1) if k > 1 else ends[0]
-    busy = [0.0] * len(RESOURCES)
-    first_steady = 1 if k > 1 else 0
-    dur, res, its = g.duration, g.resource, g.iteration
-    for t in range(len(g)):
-        if its[t] >= first_steady:
-            busy[res[t]] += dur[t]
     steady = max(k - first_steady, 1)
     busy_s = {r: busy[i] / steady for i, r in enumerate(RESOURCES)}
     # Utilisation per slot pool (h2d/d2h or SSD read/write share one when half duplex).
