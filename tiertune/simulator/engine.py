@@ -98,9 +98,12 @@ def run(g: TaskGraph) -> EngineRun:
         look = dirty | waiting
         if look:
             dirty = waiting = 0
-            cand = [(ready[p][0], p) for p in pools_in[look] if slots[p] and ready[p]]
-            if len(cand) > 1:
-                heapify(cand)
+            cand = []                                # (most urgent ready task, pool)
+            for p in pools_in[look]:                 # a loop, not a comprehension: that would make
+                q = ready[p]                         # ready and slots closure cells, slower to read
+                if q and slots[p]:
+                    cand.append((q[0], p))
+            heapify(cand)
             blocked = 0                              # bit per tier: an earlier task waits for memory there
             while cand:
                 t, p = heappop(cand)
