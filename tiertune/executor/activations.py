@@ -9,6 +9,10 @@ the SSD) in forward and fetched back ahead of backward.
     bytes accounted once per storage;
   - under `cpu` / `ssd` it becomes a `Slot`, deduplicated, that `offload` copies to a host buffer
     on the d2h engine (and on to the SSD) and `fetch` brings back on the h2d engine.
+
+A layer that runs in slices of the micro-batch (`Plan.slices`) has one `Saved` per slice, each
+offloaded, fetched, recomputed and freed on its own, so only a slice or two of the layer's
+activations is on the device at once.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class Slot:
 
 @dataclass
 class Saved:
-    """What one layer keeps from forward to backward, for one micro-batch."""
+    """What one layer keeps from forward to backward, for one micro-batch (or one slice of it)."""
     mode: str                                # the plan's `activations`: keep, cpu, ssd, recompute
+    part: int | None = None                  # which slice of the micro-batch; None: the whole of it
     out: torch.Tensor | None = None          # the graph root (or None when recomputed)
     inp: torch.Tensor | None = None          # the layer input when recomputed
     rng: tuple | None = None                 # RNG states before a recomputed forward (same dropout masks)
@@ -61,12 +66,12 @@ class Saved:
 
 
 class Activations:
-    """Saved tensors of the micro-batch in flight, by (layer, micro-batch)."""
+    """Saved tensors of the micro-batch in flight, by (layer, micro-batch): one `Saved` per slice."""
 
     def __init__(self, m: Machine, layers: list[LayerState]):
         self.m = m
         self.layers = layers
-        self.saved: dict[tuple[int, int], Saved] = {}
+        self.saved: dict[tuple[int, int], list[Saved]] = {}
 
     def hooks(self, L: LayerState, saved: Saved, mode: str):
         """saved_tensors_hooks for running layer L's forward under `mode`."""
@@ -126,9 +131,10 @@ class Activations:
             m.meter.free("gpu", total, promised=True)
 
         m.meter.promise("gpu", total)
-        saved.offload = m.eng["d2h"].submit(copy_out, "offload", L.i, it, total, "act", mb=mb, then=drop)
+        saved.offload = m.eng["d2h"].submit(copy_out, "offload", L.i, it, total, "act", mb=mb, then=drop,
+                                            part=saved.part)
         if L.lp.activations == "ssd":
-            key = f"a{L.i}.mb{mb}"
+            key = _key(L.i, mb, saved.part)
 
             def write():
                 m.store.write(key, {str(j): s.host for j, s in enumerate(slots)})
@@ -137,15 +143,17 @@ class Activations:
                     m.pool.put(s.host)
                     s.host = None
             saved.written = m.eng["ssd_write"].submit(write, "ssd_write", L.i, it, total, "act",
-                                                      after=[saved.offload], mb=mb)
+                                                      after=[saved.offload], mb=mb, part=saved.part)
 
-    def fetch(self, i: int, mb: int, it: int, force: bool = False) -> None:
-        """Start bringing layer i's offloaded tensors back to the device; without `force` only when
-        the budget allows it now and (SSD) their write is done, else a later call retries."""
+    def fetch(self, i: int, mb: int, it: int, force: bool = False, part: int = 0) -> None:
+        """Start bringing slice `part` of layer i's offloaded tensors back to the device (the whole
+        layer's when it is not sliced); without `force` only when the budget allows it now and
+        (SSD) their write is done, else a later call retries."""
         m = self.m
         if not 0 <= i < len(self.layers):
             return
-        saved = self.saved.get((i, mb))
+        parts = self.saved.get((i, mb), ())
+        saved = parts[part] if part < len(parts) else None
         if saved is None or saved.mode not in ("cpu", "ssd") or saved.fetch is not None:
             return
         slots, total = saved.slots, saved.bytes
@@ -157,10 +165,10 @@ class Activations:
             return
         if saved.mode == "ssd":
             stages = [m.pool.get(*meta) for meta in saved.metas]
-            key = f"a{i}.mb{mb}"
+            key = _key(i, mb, saved.part)
             read = m.eng["ssd_read"].submit(
                 lambda: m.store.read(key, {str(j): st for j, st in enumerate(stages)}), "ssd_read", i,
-                it, total, "act", after=[saved.written], mb=mb)
+                it, total, "act", after=[saved.written], mb=mb, part=saved.part)
             srcs, after = stages, [read]
         else:
             srcs, after = [s.host for s in slots], [saved.offload]
@@ -179,7 +187,8 @@ class Activations:
                 m.pool.put(h)
             for s in slots:
                 s.host = None
-        saved.fetch = m.eng["h2d"].submit(copy_in, "fetch", i, it, total, "act", after=after, mb=mb, then=done_cb)
+        saved.fetch = m.eng["h2d"].submit(copy_in, "fetch", i, it, total, "act", after=after, mb=mb, then=done_cb,
+                                          part=saved.part)
 
     def free(self, saved: Saved) -> None:
         """After the layer's backward: give back the device bytes its saved tensors held."""
@@ -191,3 +200,8 @@ class Activations:
         for s in saved.slots:
             s.dev = None
         saved.kept, saved.slots, saved.out, saved.inp = {}, [], None, None
+
+
+def _key(layer: int, mb: int, part: int | None) -> str:
+    """The SSD file of a layer's (slice's) activations for one micro-batch."""
+    return f"a{layer}.mb{mb}" + (f".s{part}" if part is not None else "")

@@ -121,9 +121,12 @@ class Recorder:
         return time.perf_counter() - self.t0
 
     def add(self, kind: str, layer: int, resource: str, it: int, start: float, end: float, nbytes: int = 0,
-            flops: float = 0.0, tag: str = "", mb: int = 0) -> None:
+            flops: float = 0.0, tag: str = "", mb: int = 0, part: int | None = None) -> None:
+        """One event; `part`: which slice of the micro-batch (`PlanGlobals.activation_slices`) it
+        worked on, None for work on the whole micro-batch (its task name then has no `:s` part)."""
         t = f".{tag}" if tag else ""
-        row = {"source": "measured", "iteration": it, "task": f"{kind}{t}:L{layer}:it{it}:mb{mb}", "kind": kind,
+        s = f":s{part}" if part is not None else ""
+        row = {"source": "measured", "iteration": it, "task": f"{kind}{t}:L{layer}:it{it}:mb{mb}{s}", "kind": kind,
                "layer": layer, "resource": resource, "start_s": start, "end_s": max(end, start + 1e-9),
                "bytes": int(nbytes), "flops": float(flops)}
         with self._lock:
@@ -131,7 +134,7 @@ class Recorder:
 
     @contextlib.contextmanager
     def timed(self, kind: str, layer: int, resource: str, it: int, nbytes: int = 0, flops: float = 0.0,
-              tag: str = "", mb: int = 0) -> Iterator[None]:
+              tag: str = "", mb: int = 0, part: int | None = None) -> Iterator[None]:
         """Time work done here. On CUDA, `gpu` work is timed with events on the current stream (the
         host only queues it); other resources run in threads that wait for their work."""
         if self.cuda and resource == "gpu":
@@ -145,11 +148,11 @@ class Recorder:
             yield
             end.record()
             with self._lock:
-                self._pending.append(((kind, layer, resource, it, nbytes, flops, tag, mb), start, end))
+                self._pending.append(((kind, layer, resource, it, nbytes, flops, tag, mb, part), start, end))
             return
         s = self.clock()
         yield
-        self.add(kind, layer, resource, it, s, self.clock(), nbytes, flops, tag, mb)
+        self.add(kind, layer, resource, it, s, self.clock(), nbytes, flops, tag, mb, part)
 
     def flush(self) -> None:
         """Resolve CUDA events to seconds (call after the step's work is queued; synchronises)."""
@@ -159,9 +162,9 @@ class Recorder:
         ref, ref_s = self._ref
         with self._lock:
             pending, self._pending = self._pending, []
-        for (kind, layer, resource, it, nb, fl, tag, mb), start, end in pending:
+        for (kind, layer, resource, it, nb, fl, tag, mb, part), start, end in pending:
             self.add(kind, layer, resource, it, ref_s + ref.elapsed_time(start) / 1e3,
-                     ref_s + ref.elapsed_time(end) / 1e3, nb, fl, tag, mb)
+                     ref_s + ref.elapsed_time(end) / 1e3, nb, fl, tag, mb, part)
 
 
 class Engine:
@@ -184,7 +187,8 @@ class Engine:
         self._thread.start()
 
     def submit(self, fn: Callable[[], object], kind: str, layer: int, it: int, nbytes: int = 0, tag: str = "",
-               after: list[Future | None] = (), mb: int = 0, then: Callable[[], None] | None = None) -> Future:
+               after: list[Future | None] = (), mb: int = 0, then: Callable[[], None] | None = None,
+               part: int | None = None) -> Future:
         """Queue `fn`; `then` runs in the worker once fn's copies are complete (CUDA: after the
         stream sync), before the future is done, so whoever waits sees its effects too."""
         fut: Future = Future()
@@ -193,7 +197,7 @@ class Engine:
         if self.stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-        self._q.put((fn, kind, layer, it, nbytes, tag, [a for a in after if a is not None], mb, ready, fut, then))
+        self._q.put((fn, kind, layer, it, nbytes, tag, [a for a in after if a is not None], mb, part, ready, fut, then))
         return fut
 
     def _loop(self) -> None:
@@ -206,7 +210,7 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            fn, kind, layer, it, nb, tag, after, mb, ready, fut, then = item
+            fn, kind, layer, it, nb, tag, after, mb, part, ready, fut, then = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -220,7 +224,7 @@ class Engine:
                     self.stream.synchronize()
                 else:
                     out = fn()
-                self.rec.add(kind, layer, self.resource, it, s, self.rec.clock(), nb, 0.0, tag, mb)
+                self.rec.add(kind, layer, self.resource, it, s, self.rec.clock(), nb, 0.0, tag, mb, part)
                 if then is not None:
                     then()
                 fut.set_result(out)

@@ -97,6 +97,11 @@ class _Boundary(torch.autograd.Function):
         return None, None, None
 
 
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """One element standing for t's data: a graph root kept for backward needs its shape, not its data."""
+    return torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 class Executor:
     """Trains `layers` (the executor layer interface, see models.py) under `plan`.
 
@@ -356,7 +361,7 @@ class Executor:
 
     def _forward(self, tokens: torch.Tensor, targets: torch.Tensor, mb: int) -> float:
         """Layer by layer: weights fetched ahead, each layer's saved tensors kept / offloaded /
-        dropped for recompute; returns the micro-batch's loss."""
+        dropped for recompute, slice by slice where the plan slices it; returns the micro-batch's loss."""
         n = len(self.layers)
         self.acts.saved = {}
         x = tokens
@@ -365,34 +370,73 @@ class Executor:
                 self._issue_fetch(j, "fwd")
             self._materialise(i, "fwd")
             mode = L.lp.activations
-            saved = self.acts.saved[(i, mb)] = Saved(mode, targets=targets if i == n - 1 else None)
-            c = self.costs[i]
-            with self.rec.timed("forward", i, "gpu", self.it, flops=c.fwd_flops, mb=mb):
-                if mode == "recompute":
-                    saved.rng = self._rng_state()
-                    with torch.no_grad():
-                        out = self._run(L, x, saved, boundary=False)
-                    saved.inp = x
-                    if x.is_floating_point():
-                        self.meter.alloc("gpu", nbytes(x), f"checkpoint of {L.name}")
-                else:
-                    with self.acts.hooks(L, saved, mode):
-                        out = self._run(L, x, saved, boundary=True)
-                    saved.out = out
+            s = self.plan.slices(i)
+            if s == 1:
+                saved = Saved(mode, targets=targets if i == n - 1 else None)
+                self.acts.saved[(i, mb)] = [saved]
+                out = self._forward_part(L, x, saved, mb, 1)
+            else:
+                out = self._forward_sliced(L, x, mb, s)
             if mode in ("cpu", "ssd"):
-                self.acts.offload(L, saved, mb, self.it)
-                prev = self.acts.saved.get((i - 1, mb))
-                if prev is not None and prev.out is not None:
-                    # its data now lives in this layer's offloaded copy; keep only the graph root
-                    prev.out.data = torch.empty(1, dtype=prev.out.dtype, device=self.dev).expand(prev.out.shape)
+                for prev in self.acts.saved.get((i - 1, mb), ()):
+                    if prev.out is not None:
+                        # its data now lives in this layer's offloaded copy; keep only the graph root
+                        prev.out.data = _placeholder(prev.out)
             if i < n - 1:
                 self._release_after(i)
             x = out
         return float(out.detach())
 
+    def _forward_part(self, L: LayerState, x: torch.Tensor, saved: Saved, mb: int, slices: int) -> torch.Tensor:
+        """Layer L's forward on x (the micro-batch, or one of its `slices` slices), its saved
+        tensors kept, offloaded (the copy starts at once, overlapping what runs next) or dropped."""
+        mode = saved.mode
+        with self.rec.timed("forward", L.i, "gpu", self.it, flops=self.costs[L.i].fwd_flops / slices, mb=mb,
+                            part=saved.part):
+            if mode == "recompute":
+                saved.rng = self._rng_state()
+                with torch.no_grad():
+                    out = self._run(L, x, saved, boundary=False)
+                saved.inp = x
+                if x.is_floating_point():
+                    self.meter.alloc("gpu", nbytes(x), f"checkpoint of {L.name}")
+            else:
+                with self.acts.hooks(L, saved, mode):
+                    out = self._run(L, x, saved, boundary=True)
+                saved.out = out
+        if mode in ("cpu", "ssd"):
+            self.acts.offload(L, saved, mb, self.it)
+        return out
+
+    def _forward_sliced(self, L: LayerState, x: torch.Tensor, mb: int, slices: int) -> torch.Tensor:
+        """Layer L's forward in `slices` slices of the micro-batch (`Plan.slices`), each with its own
+        saved tensors (offloaded as soon as its forward is done, while the next slice computes),
+        input-gradient box and, when recomputed, its own input checkpoint and RNG state; the
+        output is the slices' outputs concatenated."""
+        parts = self.acts.saved[(L.i, mb)] = []
+        outs, roots = [], []
+        for k, xk in enumerate(x.chunk(slices)):
+            saved = Saved(L.lp.activations, part=k)
+            parts.append(saved)
+            if saved.mode == "recompute":
+                xk = xk.clone()       # its own storage: each slice's checkpoint is freed with its backward
+            outs.append(self._forward_part(L, xk, saved, mb, slices))
+            if saved.out is not None:
+                # a root whose storage no saved tensor of its own slice shares can give its data up
+                # once concatenated (one that does keeps it until its copy is done: see below)
+                packed = {sl.t.untyped_storage().data_ptr() for sl in saved.slots if sl.t is not None}
+                if saved.out.untyped_storage().data_ptr() not in packed | set(saved.kept):
+                    roots.append(saved.out)
+        out = torch.cat(outs)
+        for r in roots:
+            r.data = _placeholder(r)
+        return out
+
     def _backward(self, mb: int, accum: int, weight: float) -> None:
         """In reverse: weights, saved tensors and (fused, SSD) optimizer state fetched ahead, a
-        recomputed layer re-run, the layer's backward, its gradients handed to its strategy."""
+        recomputed layer re-run, the layer's backward (slice by slice where it was sliced: each
+        slice fetched or recomputed, run with its share of the output gradient and freed, the next
+        one's fetch under way meanwhile), its gradients handed to its strategy once."""
         grad = torch.tensor(weight, device=self.dev)     # the micro-batch's share of the step's loss
         last_mb = mb == accum - 1
         step_no = self.step_no + 1
@@ -400,31 +444,44 @@ class Executor:
             L = self.layers[i]
             for j in range(i, i - self.depth - 1, -1):
                 self._issue_fetch(j, "bwd")
-                self.acts.fetch(j, mb, self.it)
+                self.acts.fetch(j, mb, self.it)           # the first slice of a sliced layer
                 if 0 <= j:
                     self.strategy[j].prefetch(self.layers[j], last_mb, j == i, self.it)
             self._materialise(i, "bwd")
-            self.acts.fetch(i, mb, self.it, force=True)
-            saved = self.acts.saved.pop((i, mb))
-            c = self.costs[i]
-            root = saved.out
-            if saved.mode == "recompute":
-                with self.rec.timed("recompute", i, "gpu", self.it, flops=c.fwd_flops, mb=mb), \
-                        torch.random.fork_rng(devices=[self.dev] if self.cuda else []):
-                    self._set_rng_state(saved.rng)
-                    with self.acts.hooks(L, saved, "keep"):
-                        root = self._run(L, saved.inp, saved, boundary=True)
-            self.fused.begin_backward(i, last_mb, step_no, self.it)
-            with self.rec.timed("backward", i, "gpu", self.it, flops=c.bwd_flops, mb=mb):
-                torch.autograd.backward(root, grad)
-            grad = saved.box[0] if i > 0 else None
-            self.acts.free(saved)
+            parts = self.acts.saved[(i, mb)]
+            grads = grad.chunk(len(parts)) if len(parts) > 1 else [grad]
+            in_grads = []
+            for k, (saved, g) in enumerate(zip(parts, grads)):
+                self.acts.fetch(i, mb, self.it, force=True, part=k)
+                self.acts.fetch(i, mb, self.it, part=k + 1)     # the next slice's copy overlaps this one
+                self._backward_part(L, saved, g, mb, last_mb, step_no, len(parts))
+                if i > 0:
+                    in_grads.append(saved.box[0])
+                self.acts.free(saved)
+            del self.acts.saved[(i, mb)]
+            grad = (in_grads[0] if len(in_grads) == 1 else torch.cat(in_grads)) if i > 0 else None
             if L.lent_to is None:     # a tied matrix's gradient is complete after its borrower's backward
                 self.strategy[i].after_backward(L, mb, last_mb, step_no, self.it)
             if L.borrows is not None:
                 owner = self.layers[L.borrows]
                 self.strategy[owner.i].after_backward(owner, mb, last_mb, step_no, self.it)
             self._release_after(i)
+
+    def _backward_part(self, L: LayerState, saved: Saved, grad: torch.Tensor, mb: int, last_mb: bool,
+                       step_no: int, slices: int) -> None:
+        """Layer L's backward for one micro-batch (or one of its `slices` slices): recompute first
+        where the plan says; parameter gradients accumulate in .grad over the slices."""
+        c = self.costs[L.i]
+        root = saved.out
+        if saved.mode == "recompute":
+            with self.rec.timed("recompute", L.i, "gpu", self.it, flops=c.fwd_flops / slices, mb=mb, part=saved.part), \
+                    torch.random.fork_rng(devices=[self.dev] if self.cuda else []):
+                self._set_rng_state(saved.rng)
+                with self.acts.hooks(L, saved, "keep"):
+                    root = self._run(L, saved.inp, saved, boundary=True)
+        self.fused.begin_backward(L.i, last_mb, step_no, self.it)
+        with self.rec.timed("backward", L.i, "gpu", self.it, flops=c.bwd_flops / slices, mb=mb, part=saved.part):
+            torch.autograd.backward(root, grad)
 
     def _rng_state(self) -> tuple:
         return torch.get_rng_state(), torch.cuda.get_rng_state(self.dev) if self.cuda else None
