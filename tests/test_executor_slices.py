@@ -82,6 +82,25 @@ def test_fused_blocks_run_whole_beside_sliced_ones(tmp_path):
     assert forwards.groupby("layer").max().tolist() == [1, 1, 2, 1, 2, 1]
 
 
+def test_recomputed_slices_replay_their_own_dropout_masks(tmp_path):
+    """Dropout after every block: each recomputed slice restores the RNG state its first forward
+    saw, so 2-slice recompute trains exactly as 2-slice offload (which never recomputes); a slice
+    that drew another slice's masks, or fresh ones, would not."""
+    spec = MODEL_PRESETS["tiny-llama"]
+
+    def run(activations, p):
+        layers = build_model(spec, 0)
+        layers[1:-1] = [torch.nn.Sequential(b, torch.nn.Dropout(p)) for b in layers[1:-1]]
+        plan = plan_of([LayerPlan(**STREAMED, activations=activations)] * N_LAYERS, 2)
+        torch.manual_seed(0)
+        with Executor(layers, spec, plan, optim=OptimConfig(lr=LR)) as ex:
+            return [ex.step(tk, tg) for tk, tg in data(3, BATCH)]
+
+    offloaded, recomputed = run("cpu", 0.3), run("recompute", 0.3)
+    torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(offloaded), rtol=1e-6, atol=0)
+    assert offloaded != run("cpu", 0.0)
+
+
 lossless = st.builds(LayerPlan, params=st.sampled_from(("gpu", "cpu", "ssd")),
                      optimizer=st.sampled_from(("gpu", "cpu", "ssd")), update=st.sampled_from(("after", "overlap")),
                      activations=st.sampled_from(("keep", "cpu", "ssd", "recompute")))

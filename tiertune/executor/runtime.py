@@ -11,6 +11,11 @@ layer's state can live where the plan says and move only when needed:
                          SSD) through saved_tensors_hooks; parameters are recognised in the pack
                          hook and saved by reference, since their weights are fetched again
               recompute  run it under no_grad and keep only its input
+  slices    a block whose activations move or are recomputed runs its forward and backward in
+            `Plan.slices(i)` slices of the micro-batch (global.activation_slices), each with its own
+            saved tensors, input checkpoint and RNG state: a slice's offload runs while the next
+            slice computes, its fetch while the previous one's backward runs, so about two slices
+            of the layer's activations are on the device, not the whole layer's
   backward  in reverse: fetch weights and saved tensors ahead (not when autograd asks), re-run a
             recomputed layer with grad, `torch.autograd.backward(out, grad_out)`; the layer's input
             gradient (caught by a small autograd function at the layer boundary) feeds the layer
@@ -449,12 +454,13 @@ class Executor:
                     self.strategy[j].prefetch(self.layers[j], last_mb, j == i, self.it)
             self._materialise(i, "bwd")
             parts = self.acts.saved[(i, mb)]
-            grads = grad.chunk(len(parts)) if len(parts) > 1 else [grad]
+            s = self.plan.slices(i)
+            grads = grad.chunk(s) if s > 1 else [grad]     # as forward split the input: the same rows
             in_grads = []
             for k, (saved, g) in enumerate(zip(parts, grads)):
                 self.acts.fetch(i, mb, self.it, force=True, part=k)
                 self.acts.fetch(i, mb, self.it, part=k + 1)     # the next slice's copy overlaps this one
-                self._backward_part(L, saved, g, mb, last_mb, step_no, len(parts))
+                self._backward_part(L, saved, g, mb, last_mb, step_no, s)
                 if i > 0:
                     in_grads.append(saved.box[0])
                 self.acts.free(saved)
