@@ -428,7 +428,7 @@ class Executor:
             outs.append(self._forward_part(L, xk, saved, mb, slices))
             if saved.out is not None:
                 # a root whose storage no saved tensor of its own slice shares can give its data up
-                # once concatenated (one that does keeps it until its copy is done: see below)
+                # once concatenated (one that does keeps it, as an unsliced layer's root does)
                 packed = {sl.t.untyped_storage().data_ptr() for sl in saved.slots if sl.t is not None}
                 if saved.out.untyped_storage().data_ptr() not in packed | set(saved.kept):
                     roots.append(saved.out)
