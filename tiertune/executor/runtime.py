@@ -449,7 +449,8 @@ class Executor:
             L = self.layers[i]
             for j in range(i, i - self.depth - 1, -1):
                 self._issue_fetch(j, "bwd")
-                self.acts.fetch(j, mb, self.it)           # the first slice of a sliced layer
+                for k in range(min(2, self.plan.slices(j) if 0 <= j else 1)):
+                    self.acts.fetch(j, mb, self.it, part=k)     # a sliced layer's first two slices
                 if 0 <= j:
                     self.strategy[j].prefetch(self.layers[j], last_mb, j == i, self.it)
             self._materialise(i, "bwd")
@@ -460,6 +461,7 @@ class Executor:
             for k, (saved, g) in enumerate(zip(parts, grads)):
                 self.acts.fetch(i, mb, self.it, force=True, part=k)
                 self.acts.fetch(i, mb, self.it, part=k + 1)     # the next slice's copy overlaps this one
+                # (slice k+1 comes once slice k-1 is done: the simulator's builder gates it the same way)
                 self._backward_part(L, saved, g, mb, last_mb, step_no, s)
                 if i > 0:
                     in_grads.append(saved.box[0])
