@@ -128,11 +128,25 @@ def test_fuzz_simulate_runs_or_is_one_line(capsys, flag, value):
 @given(flag=st.sampled_from(["--gpu-mem", "--batch", "--seq", "--lr", "--seed"]),
        value=st.one_of(st.sampled_from(["1e9", "1000000000", "0.001", "1e-300", "9223372036854775807", "4294967295", "5e-324"]),
                        values))
-def test_fuzz_execute_runs_or_is_one_line(capsys, flag, value):
+def test_fuzz_execute_runs_or_is_one_line(capsys, monkeypatch, flag, value):
+    # the run may hold 2 GiB here (a batch of 100,000 otherwise runs, holding 18 GB beside other test workers)
+    monkeypatch.setattr("tiertune.executor.run.available_memory_bytes", lambda: 2 << 30)
     code = main(["execute", "--model", "tiny-llama", "--policy", "gpu-only", "--steps", "1", "--batch", "1",
                  "--seq", "8", f"{flag}={value}"])
     _, err = capsys.readouterr()
     assert code in (0, 2) and len(err.strip().splitlines()) <= 1 and "Traceback" not in err
+
+
+def test_execute_refuses_a_step_larger_than_the_memory_available(capsys, monkeypatch):
+    # tiny-llama at batch 100,000 x 8 tokens saves 3.45 GiB per block for backward (15.7 GiB kept by
+    # gpu-only): with 2 GiB available on the CPU standing in for the GPU, it is one line, before any work
+    monkeypatch.setattr("tiertune.executor.run.available_memory_bytes", lambda: 2 << 30)
+    code = main(["execute", "--model", "tiny-llama", "--policy", "gpu-only", "--steps", "1", "--batch", "100000",
+                 "--seq", "8"])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "available on this machine" in lines[0], err
+    assert "15.7 GiB" in lines[0] or "15.8 GiB" in lines[0], lines[0]
 
 
 # --- sweep specs ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from tiertune.errors import InputError
 from tiertune.schedule import Plan
-from tiertune.workload import ModelSpec
+from tiertune.workload import ModelSpec, layer_costs
 
 if TYPE_CHECKING:
     from tiertune.executor.updates import OptimConfig
@@ -157,6 +157,15 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
                          f"the executor's blocks attend causally without a window mask")
     continues = resumed_from is not None and save_dir is not None and \
         Path(os.path.realpath(resumed_from)) == Path(os.path.realpath(save_dir))
+    if not str(device).startswith("cuda"):
+        # The CPU standing in for the GPU holds every tier in this machine's memory: the model's
+        # state and what one micro-batch saves for backward must fit what is available now, or
+        # the OOM killer, not an error, ends the run (a tiny model at batch 100,000 held 18 GB).
+        need, available = step_bytes(spec, plan), available_memory_bytes()
+        if available is not None and need > available:
+            raise InputError(f"batch {plan.train.batch} x seq {plan.train.seq_len}: the model's state and one "
+                             f"micro-batch's saved activations need at least {need / 2**30:,.1f} GiB, more "
+                             f"than the {available / 2**30:,.1f} GiB of memory available on this machine")
     torch.manual_seed(seed)          # any random init and the dropout masks follow the seed
     layers = hf.build_all() if hf is not None else build_model(spec, seed)
     # The temp offload directory is made (and removed, whatever happens) here, not by the Executor,
@@ -238,3 +247,27 @@ def train_plan(spec_or_source: "ModelSpec | HFSource", plan: Plan, steps: int, *
                      tokens_per_s=tokens / iteration_s if iteration_s > 0 else None, peak_bytes=peak,
                      trace=trace, steps=ex.step_no, seed=seed, lr=lr, budget_bytes=gpu_mem_bytes,
                      optim=optim)
+
+
+def step_bytes(spec: ModelSpec, plan: Plan) -> int:
+    """A floor on the memory one step holds when every tier is this machine's memory: weights,
+    gradients and optimizer state, the activations kept for backward (a checkpoint where the layer
+    is recomputed) and, of the layers that do not keep them, the largest one's activations back for
+    its own backward."""
+    costs = layer_costs(spec, plan.train)
+    state = sum(c.weight_bytes + c.grad_bytes + c.optim_bytes for c in costs)
+    kept = sum(c.act_bytes if lp.activations == "keep" else c.act_checkpoint_bytes if lp.activations == "recompute"
+               else 0 for c, lp in zip(costs, plan.layers))
+    return state + kept + max((c.act_bytes for c, lp in zip(costs, plan.layers) if lp.activations != "keep"), default=0)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
