@@ -351,9 +351,11 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
             seeds.append((cand, f"lean, activations {mode}, head {head}"))
     for layers, origin in seeds:
         stage(origin, time.perf_counter(), layers)
-    # the stages stop early enough for the engine runs already started when they stop (a few of
-    # the slowest seen so far: under load one run of a 96-layer model takes a second) to end in time
-    deadline = min(deadline, t0 + time_limit_s - 3 * score.slowest_s)
+    def stop_at() -> float:
+        """When the stages stop: early enough for the engine runs already started then (a few of the
+        slowest seen so far: a run of a 96-layer model in thin slices takes half a second, one that
+        does not fit a hundredth) to end in time. Read again before each stage."""
+        return min(deadline, t0 + time_limit_s - 3 * score.slowest_s)
     # (0a) activation slices: the seeds at each; the stages below search at the best one
     t1 = time.perf_counter()
     at_slices = {}
@@ -376,14 +378,15 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         nonlocal solver, engine_vs_solver
         t1 = time.perf_counter()
         found, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
-                                min(share * time_limit_s, max(0.5, deadline - t1 - 0.2)),
+                                min(share * time_limit_s, max(0.5, stop_at() - t1 - 0.2)),
                                 host_ckpt=cpu_checkpointing, nnz_per_row=template.globals.lsp_nnz_per_row,
                                 slices=score.slices)
         solver = st.to_dict()
         if found and st.objective_s:
             engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
         # the model's improving solutions, judged by the engine (the model's best is not always its)
-        sol = min(found, key=score) if found else None
+        # (its last five: each costs an engine run, half a second on a 96-layer model in thin slices)
+        sol = min(found[-5:], key=score) if found else None
         stage(name, t1, sol, **_solver_fields(st))
     cycle("cpsat-cycle", 0.25)
     if math.isinf(best_s):
@@ -394,7 +397,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         stage("enumerate", t1, list(min(itertools.product(choices, repeat=len(cm.layers)), key=score)))
     # (2) coordinate descent on counts, engine-scored
     t1 = time.perf_counter()
-    stage("descent", t1, descend(best, choices, score, groups, t0 + 0.45 * time_limit_s))
+    stage("descent", t1, descend(best, choices, score, groups, min(t0 + 0.45 * time_limit_s, stop_at())))
     # (3) prefetch depth (how far streamed weights and activations run ahead of their use) and
     # activation slices, together: a deeper prefetch needs room that thinner slices free
     def settings(name: str) -> None:
@@ -411,10 +414,10 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     # unlike any other (the embedding, the head) first, then the settings again for what they freed
     t1 = time.perf_counter()
     by_kind = sorted(range(len(best)), key=lambda i: next(len(g) for g in groups if i in g))
-    stage("local", t1, local_search(best, by_kind, choices, score, t0 + 0.55 * time_limit_s))
+    stage("local", t1, local_search(best, by_kind, choices, score, min(t0 + 0.55 * time_limit_s, stop_at())))
     settings("depth-refine")
     # (5) the cyclic model again, at the chosen prefetch depth, hinted with the best schedule
-    if deadline - time.perf_counter() > 1.0:
+    if stop_at() - time.perf_counter() > 1.0:
         cycle("cpsat-cycle-refine", 0.15)
     if engine_vs_solver is not None and abs(engine_vs_solver) > DISAGREE:
         what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
@@ -423,7 +426,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
                      f"resource and memory floors; engine: priorities and memory as allocated)")
     # (6) the plain local search (planner/local.py, `--search local`) from the best so far, in the
     # time left: every field and the prefetch depth on blocks of layers
-    left = deadline - time.perf_counter()
+    left = stop_at() - time.perf_counter()
     if left > 0.2:
         t1 = time.perf_counter()
         polished = plain_local_search(model, train, hw, score.plan(best), left, tuple(grad_ranks),
@@ -439,11 +442,11 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     t1 = time.perf_counter()
     rng = random.Random(0)
     run, run_s, run_plan = list(best), best_s, score.plan(best)
-    while deadline - time.perf_counter() > 0.2:
+    while stop_at() - time.perf_counter() > 0.2:
         cand = list(run)
         for i in rng.sample(range(len(cand)), min(len(cand), 3)):
             cand[i] = rng.choice(choices)
-        left = deadline - time.perf_counter()
+        left = stop_at() - time.perf_counter()
         try:
             res = plain_local_search(model, train, hw, run_plan.with_layers(cand),
                                      min(left, max(1.0, 0.1 * time_limit_s)), tuple(grad_ranks), allowed=allowed)
