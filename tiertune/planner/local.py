@@ -76,17 +76,17 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
     `allowed` narrows the per-layer choices (default: everything Plan validation accepts)."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
-    cache: dict[tuple, tuple[float, object]] = {}
+    cache: dict[tuple, float] = {}
 
-    def score(plan: Plan) -> tuple[float, object]:
+    def score(plan: Plan) -> float:
         key = (plan.layers, plan.globals.prefetch_depth, plan.globals.activation_slices)
+        # floats only: the SimResults of thousands of runs kept the garbage collector busy
         if key not in cache:
-            sim = simulate(model, train, hw, plan)
-            cache[key] = (float(sim.iteration_s) if sim.fits else math.inf, sim)
+            cache[key] = float(simulate(model, train, hw, plan).iteration_s)
         return cache[key]
 
     best = start
-    best_s, _ = score(best)
+    best_s = score(best)
     values = field_values(ranks)
     passes = 0
     improved = True
@@ -99,7 +99,7 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
             cand = apply(best, move, train, allowed)
             if cand is None:
                 continue
-            s, _ = score(cand)
+            s = score(cand)
             if s < best_s * (1 - 1e-9):
                 best, best_s, improved = cand, s, True
         if log is not None:
@@ -107,7 +107,7 @@ def local_search(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, start:
                 f"{len(cache)} simulations")
     if math.isinf(best_s):
         raise InputError(f"local search found no plan that fits {model.name} on {hw.name}")
-    return LocalResult(best, score(best)[1], len(cache), passes, time.perf_counter() - t0)
+    return LocalResult(best, simulate(model, train, hw, best), len(cache), passes, time.perf_counter() - t0)
 
 
 def _moves(n_layers: int, values: dict[str, tuple], slices: tuple[int, ...]) -> Iterator[tuple]:
