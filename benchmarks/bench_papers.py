@@ -21,10 +21,12 @@ the blocks, no vocabulary term (Fuyou's evaluated model has no LM head). tiertun
 same count over the simulated iteration time, whatever our plan recomputes: the column
 `tiertune_setting` says, per row, how many blocks our plan recomputes and how many it swaps.
 Under this count the paper's 13B rows at 12 SSDs (142-156 TFLOPS) are 86-94% of the RTX 4090's
-165.2 TFLOPS spec-sheet peak although the released run.sh recomputes every block
-(is_swap_and_recompute 0); our matmul-efficiency curve (an assumption, at most 0.78 of peak) caps
-those rows near 122. Either the count is not what Fuyou printed or the card ran above its spec
-clocks: a measured 4090 matmul curve (`tiertune calibrate` on one) would settle it. LSP-Offload
+165.2 TFLOPS spec-sheet peak with every block recomputed (the released run.sh sets
+is_swap_and_recompute 0, and gpt_model.py then wraps each half-block in torch's checkpoint, so four
+passes per block are really run: the count matches the work done). That is within reach of the
+card: public torch.matmul fp16 runs on an RTX 4090 reach 155-168 TFLOPS for n >= 2048 (boost
+clocks above the spec's), and the 4090 presets carry that measured curve (0.94-0.96 of the spec
+peak for large matmuls). LSP-Offload
 rows are seconds per iteration or ratios, which need no convention.
 
 Known misses, and why (see the closing note of issue 14 for the figures):

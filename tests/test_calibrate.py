@@ -82,7 +82,8 @@ def synthetic_trace(noise: float = 0.01, seed: int = 0, update_events: int = 40)
         f = float(rng.choice([2e9, 2e10, 2e11]))
         for kind, mult in (("forward", 1), ("backward", 2), ("recompute", 1)):
             flops = mult * f
-            add(kind, "gpu", KERNEL_LATENCY_S + flops / (TRUE["peak"] * base.matmul_efficiency.at(flops)), flops=flops)
+            # the cost model's convention: a backward runs at its forward's matmul efficiency
+            add(kind, "gpu", KERNEL_LATENCY_S + flops / (TRUE["peak"] * base.matmul_efficiency.at(f)), flops=flops)
         n = int(rng.choice(sizes))
         add("load_param", "h2d", TRUE["pcie_lat"] + n / TRUE["h2d"], n)
         add("offload_grad", "d2h", TRUE["pcie_lat"] + n / TRUE["d2h"], n)

@@ -191,3 +191,19 @@ def test_activation_slices_let_a_layer_whose_activations_do_not_fit_run_slice_by
         assert [g.nbytes[t] for t in mine if g.kind[t] in ("offload", "fetch")] == [act // 4] * 8
     # the embedding and the head run whole
     assert sum(g.kind[t] == "forward" and g.layer[t] == 4 and g.iteration[t] == 0 for t in range(len(g))) == 1
+
+
+@pytest.mark.parametrize("preset", ["fuyou-4090-12ssd", "fuyou-4090-1ssd", "fuyou-4090-256g", "lsp-4090"])
+def test_rtx_4090_presets_run_large_matmuls_at_the_measured_rate(preset):
+    # Public torch.matmul fp16 runs on an RTX 4090 (cited in the presets): n = 8192 at 155.5 and
+    # 158.6 TFLOPS, n = 2048 at 159.4 and 167.1, against the 165.2 spec peak. A GPT-3 13B block at
+    # batch 8 x 1024 tokens: the four h x h projections (2 * 8192 * 5120^2 = 4.3e11 FLOPs) run at
+    # 0.96 of the peak, the two MLP matrices (1.7e12 FLOPs) at the lowest large-size run, 0.94.
+    hw = load_hardware(preset)
+    assert hw.peak_flops("fp16") * hw.matmul_efficiency.at(2 * 8192 ** 3) == pytest.approx(155.3e12, rel=1e-3)
+    assert hw.peak_flops("fp16") * hw.matmul_efficiency.at(2 * 2048 ** 3) == pytest.approx(158.6e12, rel=1e-3)
+    m = load_model("gpt3-13b")
+    cm = CostModel(m, TrainSpec(batch=8, seq_len=1024, dtype="fp16"), hw)
+    tokens, h, f = 8192, 5120, 20480
+    by_hand = 4 * 2 * tokens * h * h / (165.2e12 * 0.96) + 2 * 2 * tokens * h * f / (165.2e12 * 0.94)
+    assert sum(cm._matmul_s(2.0 * tokens * o * i) for o, i in cm.layers[1].matrices) == pytest.approx(by_hand)
