@@ -104,7 +104,6 @@ def test_lsp_projection_size_and_sparsity_are_chosen_per_run():
 
 
 @pytest.mark.parametrize("change", [
-    dict(globals=PlanGlobals(cpu_checkpointing=True)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", chunked_loss=True)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="bf16", master_weights=False)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", checkpoint_halves=True)),

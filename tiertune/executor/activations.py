@@ -10,6 +10,11 @@ the SSD) in forward and fetched back ahead of backward.
   - under `cpu` / `ssd` it becomes a `Slot`, deduplicated, that `offload` copies to a host buffer
     on the d2h engine (and on to the SSD) and `fetch` brings back on the h2d engine.
 
+A recomputed layer keeps only its input (the checkpoint); under `global.cpu_checkpointing`
+(DeepSpeed's `activation_checkpointing.cpu_checkpointing`) that input too goes to a host buffer on
+the d2h engine after the forward (`offload_checkpoint`) and comes back on the h2d engine ahead of
+the recompute (`fetch`), the simulator's `offload.ckpt` / `fetch.ckpt` tasks.
+
 A layer that runs in slices of the micro-batch (`Plan.slices`) has one `Saved` per slice, each
 offloaded, fetched, recomputed and freed on its own, so only a slice or two of the layer's
 activations is on the device at once.
@@ -50,7 +55,8 @@ class Saved:
     mode: str                                # the plan's `activations`: keep, cpu, ssd, recompute
     part: int | None = None                  # which slice of the micro-batch; None: the whole of it
     out: torch.Tensor | None = None          # the graph root (or None when recomputed)
-    inp: torch.Tensor | None = None          # the layer input when recomputed
+    inp: torch.Tensor | None = None          # the layer input when recomputed (on the device)
+    ckpt_host: torch.Tensor | None = None    # that input in host memory (cpu_checkpointing), until fetched
     rng: tuple | None = None                 # RNG states before a recomputed forward (same dropout masks)
     targets: torch.Tensor | None = None
     box: list = field(default_factory=list)  # receives the gradient of the layer's input
@@ -145,16 +151,41 @@ class Activations:
             saved.written = m.eng["ssd_write"].submit(write, "ssd_write", L.i, it, total, "act",
                                                       after=[saved.offload], mb=mb, part=saved.part)
 
+    def offload_checkpoint(self, L: LayerState, saved: Saved, mb: int, it: int) -> None:
+        """cpu_checkpointing: copy a recomputed layer's input checkpoint to a host buffer on the d2h
+        engine; its device bytes are given back once the copy is done."""
+        m = self.m
+        x = saved.inp
+        host = saved.ckpt_host = m.pool.like(x)
+        accounted = ckpt_device_bytes(x)
+
+        def copy_out():
+            host.copy_(x, non_blocking=True)
+            return None
+
+        def drop():
+            saved.inp = None
+            m.meter.free("gpu", accounted, promised=True)
+
+        m.meter.promise("gpu", accounted)
+        saved.offload = m.eng["d2h"].submit(copy_out, "offload", L.i, it, nbytes(x), "ckpt", mb=mb, then=drop,
+                                            part=saved.part)
+
     def fetch(self, i: int, mb: int, it: int, force: bool = False, part: int = 0) -> None:
-        """Start bringing slice `part` of layer i's offloaded tensors back to the device (the whole
-        layer's when it is not sliced); without `force` only when the budget allows it now and
-        (SSD) their write is done, else a later call retries."""
+        """Start bringing slice `part` of layer i's offloaded tensors (or host checkpoint) back to
+        the device (the whole layer's when it is not sliced); without `force` only when the budget
+        allows it now and (SSD) their write is done, else a later call retries."""
         m = self.m
         if not 0 <= i < len(self.layers):
             return
         parts = self.saved.get((i, mb), ())
         saved = parts[part] if part < len(parts) else None
-        if saved is None or saved.mode not in ("cpu", "ssd") or saved.fetch is not None:
+        if saved is None or saved.fetch is not None:
+            return
+        if saved.mode == "recompute" and saved.ckpt_host is not None:
+            self._fetch_checkpoint(i, saved, mb, it, force)
+            return
+        if saved.mode not in ("cpu", "ssd"):
             return
         slots, total = saved.slots, saved.bytes
         if saved.mode == "ssd" and not force and not done(saved.written):
@@ -190,16 +221,43 @@ class Activations:
         saved.fetch = m.eng["h2d"].submit(copy_in, "fetch", i, it, total, "act", after=after, mb=mb, then=done_cb,
                                           part=saved.part)
 
+    def _fetch_checkpoint(self, i: int, saved: Saved, mb: int, it: int, force: bool) -> None:
+        """cpu_checkpointing: bring layer i's input checkpoint back for its recompute (`saved.inp`)."""
+        m = self.m
+        host = saved.ckpt_host
+        n = ckpt_device_bytes(host)
+        if force:
+            m.meter.alloc("gpu", n, f"fetched checkpoint of {self.layers[i].name}")
+        elif not m.meter.try_alloc("gpu", n):
+            return
+        dev = torch.empty_like(host, device=m.dev)
+
+        def copy_in():
+            dev.copy_(host, non_blocking=True)
+            return None
+
+        def done_cb():
+            saved.inp, saved.ckpt_host = dev, None
+            m.pool.put(host)
+        saved.fetch = m.eng["h2d"].submit(copy_in, "fetch", i, it, nbytes(host), "ckpt", after=[saved.offload],
+                                          mb=mb, then=done_cb, part=saved.part)
+
     def free(self, saved: Saved) -> None:
         """After the layer's backward: give back the device bytes its saved tensors held."""
         freed = sum(saved.kept.values()) + saved.dev_bytes
-        if saved.mode == "recompute" and saved.inp is not None and saved.inp.is_floating_point():
-            freed += nbytes(saved.inp)
+        if saved.mode == "recompute" and saved.inp is not None:
+            freed += ckpt_device_bytes(saved.inp)
         if freed:
             self.m.meter.free("gpu", freed)
         for s in saved.slots:
             s.dev = None
         saved.kept, saved.slots, saved.out, saved.inp = {}, [], None, None
+
+
+def ckpt_device_bytes(x: torch.Tensor) -> int:
+    """Device bytes a recomputed layer's input checkpoint is accounted for: a hidden state's; the
+    token ids the embedding recomputes from are not counted (as when they are not checkpointed)."""
+    return nbytes(x) if x.is_floating_point() else 0
 
 
 def _key(layer: int, mb: int, part: int | None) -> str:

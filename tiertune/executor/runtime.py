@@ -10,7 +10,8 @@ layer's state can live where the plan says and move only when needed:
               cpu / ssd  keep the graph but pack every saved tensor to host memory (and on to the
                          SSD) through saved_tensors_hooks; parameters are recognised in the pack
                          hook and saved by reference, since their weights are fetched again
-              recompute  run it under no_grad and keep only its input
+              recompute  run it under no_grad and keep only its input (in host memory under
+                         global.cpu_checkpointing, copied out and back like activations)
   slices    a block whose activations move or are recomputed runs its forward and backward in
             `Plan.slices(i)` slices of the micro-batch (global.activation_slices), each with its own
             saved tensors, input checkpoint and RNG state: a slice's offload runs while the next
@@ -65,7 +66,7 @@ import torch
 import torch.nn as nn
 
 from tiertune.errors import InputError
-from tiertune.executor.activations import Activations, Saved
+from tiertune.executor.activations import Activations, Saved, ckpt_device_bytes
 from tiertune.executor.compress import LayerCompression
 from tiertune.executor.data import loss_weights
 from tiertune.executor.device import GiB, BudgetExceeded, Engine, HostPool, Meter, Recorder, done, nbytes, wait
@@ -136,7 +137,6 @@ class Executor:
             raise InputError("train.grad_clip with overlap/fused updates needs a second backward pass, which the "
                              "executor does not run yet; use update 'after' or no clipping")
         unsupported = [name for name, on in (
-            ("global.cpu_checkpointing", plan.globals.cpu_checkpointing),
             ("train.chunked_loss", plan.train.chunked_loss),
             ("train.checkpoint_halves", plan.train.checkpoint_halves),
             ("train.master_weights false with a 16-bit dtype", not plan.train.master_weights and plan.train.dtype != "fp32"),
@@ -403,14 +403,15 @@ class Executor:
                 with torch.no_grad():
                     out = self._run(L, x, saved, boundary=False)
                 saved.inp = x
-                if x.is_floating_point():
-                    self.meter.alloc("gpu", nbytes(x), f"checkpoint of {L.name}")
+                self.meter.alloc("gpu", ckpt_device_bytes(x), f"checkpoint of {L.name}")
             else:
                 with self.acts.hooks(L, saved, mode):
                     out = self._run(L, x, saved, boundary=True)
                 saved.out = out
         if mode in ("cpu", "ssd"):
             self.acts.offload(L, saved, mb, self.it)
+        elif mode == "recompute" and self.plan.globals.cpu_checkpointing:
+            self.acts.offload_checkpoint(L, saved, mb, self.it)
         return out
 
     def _forward_sliced(self, L: LayerState, x: torch.Tensor, mb: int, slices: int) -> torch.Tensor:
@@ -482,6 +483,7 @@ class Executor:
         c = self.costs[L.i]
         root = saved.out
         if saved.mode == "recompute":
+            wait(saved.fetch)            # cpu_checkpointing: the input checkpoint back from the host
             with self.rec.timed("recompute", L.i, "gpu", self.it, flops=c.fwd_flops / slices, mb=mb, part=saved.part), \
                     torch.random.fork_rng(devices=[self.dev] if self.cuda else []):
                 self._set_rng_state(saved.rng)
