@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import deque
 
 import torch
@@ -61,10 +62,12 @@ def compressed_numel(m: int, n: int, rank: int) -> int:
 
 
 # A (d, r)-sparse projector X (k x d) is kept as idx (k x r: the column of each non-zero) and val (k x r),
-# the source of truth the fit optimises, plus a dense copy for the products. Dense matmuls beat
-# index_add/gather kernels on both CPU and GPU at the sizes we run (measured: 4-10x on CPU at
-# 512 x 2048, d = 64, r = 4); a fused sparse kernel would bring the FLOPs down to the cost model's
-# 2 m n r, which the simulator assumes.
+# the source of truth the fit optimises, plus CSR copies for the products, as LSP-Offload's sparse
+# kernel: 2 m n r multiply-adds per product instead of a dense matmul's 2 m n d. Measured on one CPU
+# thread (torch's CSR x dense, MKL), S = P^T G Q and P U Q^T at d = 128, r = 4: 0.41 against 1.1 ms
+# (688 x 256), 0.26 against 0.6 ms (256 x 256), 0.6-0.7 against 1.1-1.2 ms (256 x 688); at
+# tiny-llama's 64 x 176, d = 32 both take 20-40 us. The fit differentiates through dense copies
+# built from the values (it runs at refits only).
 
 def _dense(idx: Tensor, val: Tensor, d: int) -> Tensor:
     """The k x d matrix with val at (row, idx); differentiable in val."""
@@ -128,12 +131,12 @@ class MatrixCompressor:
     @property
     def P(self) -> Tensor:
         """Dense m x d_left projector (zeros off the pattern)."""
-        return self._P
+        return _dense(self.p_idx, self.p_val, self.d_left)
 
     @property
     def Q(self) -> Tensor:
         """Dense n x d_right projector (zeros off the pattern)."""
-        return self._Q
+        return _dense(self.q_idx, self.q_val, self.d_right)
 
     @property
     def P_mask(self) -> Tensor:
@@ -144,20 +147,37 @@ class MatrixCompressor:
         return _dense(self.q_idx, torch.ones_like(self.q_val), self.d_right).bool()
 
     def _refresh(self) -> None:
-        """Rebuild the dense copies after the values change (identity sides are never multiplied)."""
-        self._P = _dense(self.p_idx, self.p_val, self.d_left)
-        self._Q = _dense(self.q_idx, self.q_val, self.d_right)
+        """Rebuild the CSR copies after the values change: P^T and Q^T (compress), P and Q
+        (decompress); identity sides are never multiplied."""
+        self._sparse = {}
+        for name, idx, val, d, identity in (("P", self.p_idx, self.p_val, self.d_left, self.left_identity),
+                                            ("Q", self.q_idx, self.q_val, self.d_right, self.right_identity)):
+            if not identity:
+                x = _dense(idx, val, d)
+                with warnings.catch_warnings():     # torch calls its CSR support beta; we use only SpMM
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                    self._sparse[name] = x.to_sparse_csr()
+                    self._sparse[name + "T"] = x.T.contiguous().to_sparse_csr()
+
+    def sparse_tensors(self) -> list[Tensor]:
+        """The tensors the CSR copies hold (for device byte counts)."""
+        return [t for x in self._sparse.values() for t in (x.crow_indices(), x.col_indices(), x.values())]
 
     def clone(self) -> "MatrixCompressor":
-        return copy.deepcopy(self)
+        new = copy.copy(self)            # (torch cannot deepcopy CSR tensors: rebuilt from the values)
+        for name in ("p_idx", "p_val", "q_idx", "q_val"):
+            setattr(new, name, getattr(self, name).clone())
+        new._refresh()
+        return new
 
     def to(self, device: torch.device | str) -> "MatrixCompressor":
         self.device = torch.device(device)
-        for name in ("p_idx", "p_val", "q_idx", "q_val", "_P", "_Q"):
+        for name in ("p_idx", "p_val", "q_idx", "q_val"):
             setattr(self, name, getattr(self, name).to(self.device))
+        self._refresh()
         return self
 
-    # the two products, given dense projectors (so the fit can differentiate through them)
+    # the two products, given dense projectors (the fit differentiates through them)
     def _compress(self, g: Tensor, p: Tensor, q: Tensor) -> Tensor:
         if self.lossless:
             return g.clone()
@@ -179,13 +199,21 @@ class MatrixCompressor:
 
     @torch.no_grad()
     def compress(self, grad: Tensor) -> Tensor:
-        """S = P^T G Q (d x d) in the compressor's dtype."""
-        return self._compress(grad.to(self.dtype), self._P, self._Q)
+        """S = P^T G Q (d x d) in the compressor's dtype, with the sparse projectors."""
+        g = grad.to(self.dtype)
+        if self.lossless:
+            return g.clone()
+        x = g if self.left_identity else self._sparse["PT"] @ g              # P^T G, d x n
+        return x if self.right_identity else (self._sparse["QT"] @ x.T).T.contiguous()   # (Q^T (P^T G)^T)^T
 
     @torch.no_grad()
     def decompress(self, small: Tensor) -> Tensor:
-        """P S Q^T (m x n)."""
-        return self._decompress(small.to(self.dtype), self._P, self._Q)
+        """P S Q^T (m x n), with the sparse projectors."""
+        s = small.to(self.dtype)
+        if self.lossless:
+            return s.clone()
+        y = s if self.right_identity else (self._sparse["Q"] @ s.T).T       # S Q^T = (Q S^T)^T, d x n
+        return y.contiguous() if self.left_identity else self._sparse["P"] @ y
 
     @torch.no_grad()
     def relative_error(self, grad: Tensor) -> float:
@@ -429,9 +457,9 @@ class LayerCompression:
         return self
 
     def device_bytes(self) -> int:
-        """Bytes the projectors hold on their device (sparse values and indices plus the dense copies)."""
+        """Bytes the projectors hold on their device (sparse values and indices plus the CSR copies)."""
         return sum(t.numel() * t.element_size() for c in self.compressors.values()
-                   for t in (c.p_idx, c.p_val, c.q_idx, c.q_val, c._P, c._Q))
+                   for t in (c.p_idx, c.p_val, c.q_idx, c.q_val, *c.sparse_tensors()))
 
     def state_bytes(self) -> int:
         """Bytes of the subspace Adam moments (on the CPU side)."""
