@@ -110,7 +110,7 @@ class CycleModel:
         # `evaluate` use
         self.units = [[{key: int(round(v / unit)) for key, v in w.items()} for w in work[i]] for i in range(n)]
         self.rules: list = []          # (end var, [dep vars], layer, keys): end >= dep + durations
-        self.cyclic: list = []         # (ready var, first-use var or 0, layer, which updates)
+        self.cyclic: list = []         # (ready var, first-use var or 0, layer, (deferred, params on SSD))
         self.lits: list = []           # (bool var, layer, choice indices that make it true)
         self.kept_mib: list = []       # (running-sum var, layer): MiB layers 0..i keep for backward
         for row in x:
@@ -147,28 +147,37 @@ class CycleModel:
         def end(name: str):
             return m.new_int_var(0, H, name)
 
-        def after(v, deps: list, i: int, *keys: str) -> None:
+        def after(v, deps: list, i: int, *keys: str, exact: bool = False) -> None:
             """v ends no sooner than each of deps plus layer i's durations of `keys` (recorded, so
-            that `evaluate` computes the same longest paths for a fixed plan)."""
+            that `evaluate` computes the same longest paths for a fixed plan). `exact`: no later
+            either. The forward's ends are exact: the next step's forward is measured from them
+            (T + F[i-1] >= this step's update of i), and a forward delayed on purpose would buy
+            the period slack no engine schedule has."""
             deps = [dep for dep in deps if dep is not None]
             d = sum(dur(i, k) for k in keys)
-            for dep in deps:
-                m.add(v >= dep + d)
-            if not deps:
-                m.add(v >= d)
+            if exact:
+                start = m.new_int_var(0, H, "") if deps else 0
+                if deps:
+                    m.add_max_equality(start, deps)
+                m.add(v == start + d)
+            else:
+                for dep in deps:
+                    m.add(v >= dep + d)
+                if not deps:
+                    m.add(v >= d)
             self.rules.append((v, deps, i, keys))
 
         T = self.T = m.new_int_var(0, H, "T")
         # ---- forward ----
         F, LH, SR, D, SW = [], [], [], [], []
         for i in range(n):
-            sr = end(f"srf{i}")
-            after(sr, [SR[-1] if SR else None], i, "f_ssdr")
-            lh = end(f"lhf{i}")
             window = F[i - 1 - depth] if i - 1 - depth >= 0 else None     # prefetch window
-            after(lh, [LH[-1] if LH else None, sr, window], i, "f_h2d")
+            sr = end(f"srf{i}")
+            after(sr, [SR[-1] if SR else None, window], i, "f_ssdr", exact=True)   # a stream starts at its head
+            lh = end(f"lhf{i}")
+            after(lh, [LH[-1] if LH else None, sr, window], i, "f_h2d", exact=True)
             f = end(f"f{i}")
-            after(f, [F[-1] if F else None, lh], i, "f_gpu")
+            after(f, [F[-1] if F else None, lh], i, "f_gpu", exact=True)
             d = end(f"off{i}")
             after(d, [D[-1] if D else None, f], i, "f_d2h")
             sw = end(f"sw{i}")
@@ -185,10 +194,10 @@ class CycleModel:
         cpu_prev = None
         upd_done: list = [None] * n       # when an overlapped update made layer i's weights current
         for i in reversed(range(n)):
-            sr = end(f"srb{i}")
-            after(sr, [ssdr_prev, SW[i]], i, "b_ssdr")
-            lb = end(f"lhb{i}")
             window = B[i + 1 + depth] if i + 1 + depth < n else None
+            sr = end(f"srb{i}")
+            after(sr, [ssdr_prev, SW[i], window], i, "b_ssdr")
+            lb = end(f"lhb{i}")
             after(lb, [h2d_prev, sr, D[i], window], i, "b_h2d")
             b = end(f"b{i}")
             after(b, [gpu_prev, lb], i, "b_gpu")
@@ -196,37 +205,44 @@ class CycleModel:
             after(g, [d2h_prev, b], i, "b_d2h")
             # overlapped host update: state read, CPU step, weights back
             ur = end(f"ur{i}")
-            after(ur, [sr], i, "u_ssdr")
+            # the optimizer state is read once the backward `depth` layers back has ended (the
+            # engine also keeps it within `depth` steps of the optimizer; in a lane taken in fixed
+            # order that would hold back the reads of layers with no state on the SSDs)
+            after(ur, [sr, B[i + depth] if depth and i + depth < n else None], i, "u_ssdr")
             uc = end(f"uc{i}")
             after(uc, [cpu_prev, g, ur], i, "u_cpu")
             uw = end(f"uw{i}")
             after(uw, [uc], i, "u_h2d", "u_d2h", "u_gpu")
             us = end(f"us{i}")
             after(us, [ssdw_prev, uc], i, "u_ssdw")
-            upd_done[i] = uw
+            upd_done[i] = (uw, us)
             G[i] = g
             B[i] = b
             gpu_prev, h2d_prev, ssdr_prev, d2h_prev, ssdw_prev, cpu_prev = b, lb, ur, g, us, uc
         # ---- deferred updates, in forward order, after the whole backward ----
         gate = B[0]
         a_prev = {"gpu": gate, "cpu": cpu_prev, "ssdr": ssdr_prev, "ssdw": ssdw_prev, "link": None}
+        AC: list = []                     # when layer i's deferred host update ended
         for i in range(n):
             ar = end(f"ar{i}")
-            after(ar, [a_prev["ssdr"], gate], i, "a_ssdr")
+            after(ar, [a_prev["ssdr"], gate, AC[i - 1 - depth] if i - 1 - depth >= 0 else None], i, "a_ssdr")
             ag = end(f"ag{i}")
             after(ag, [a_prev["gpu"]], i, "a_gpu")
             ac = end(f"ac{i}")
             after(ac, [a_prev["cpu"], gate, ar, G[i]], i, "a_cpu")
+            AC.append(ac)
             aw = end(f"aw{i}")
             after(aw, [a_prev["link"], ac, ag], i, "a_h2d", "a_d2h")
             asw = end(f"asw{i}")
             after(asw, [a_prev["ssdw"], ac, aw], i, "a_ssdw")
             # the next step's forward of layer i (its weights' load, else its compute, which starts
             # no sooner than the previous layer's forward ended) waits for this step's update of i
+            # to make its weights current at home: on the SSDs, once written there
             first_use = F[i - 1] if i > 0 else 0
-            for deferred, ready in ((True, aw), (False, upd_done[i])):
-                on = lit(i, lambda lp: (lp.update == "after") == deferred)
-                self.cyclic.append((ready, first_use, i, deferred))
+            for deferred, on_ssd, ready in ((True, False, aw), (True, True, asw), (False, False, upd_done[i][0]),
+                                            (False, True, upd_done[i][1])):
+                on = lit(i, lambda lp: (lp.update == "after") == deferred and (lp.params == "ssd") == on_ssd)
+                self.cyclic.append((ready, first_use, i, (deferred, on_ssd)))
                 if isinstance(on, int):
                     if on:
                         m.add(T + first_use >= ready)
@@ -292,8 +308,9 @@ class CycleModel:
             val[v.index] = max((val[dep.index] for dep in deps), default=0) + d
         T = max(sum(u[i].get(k, 0) for i in range(n) for k in keys) for keys in self.lanes)
         T = max(T, val[self.chain_end.index])
-        for ready, first_use, i, deferred in self.cyclic:
-            if (self.choices[choice[i]].update == "after") == deferred:
+        for ready, first_use, i, (deferred, on_ssd) in self.cyclic:
+            lp = self.choices[choice[i]]
+            if (lp.update == "after") == deferred and (lp.params == "ssd") == on_ssd:
                 T = max(T, val[ready.index] - (val[first_use.index] if not isinstance(first_use, int) else 0))
         hint = [(self.x[i][k], int(k == choice[i])) for i in range(n) for k in range(len(self.choices))]
         hint += [(d, u[i].get(key, 0)) for (i, key), d in self.durs.items() if not isinstance(d, int)]
