@@ -39,6 +39,7 @@ from tiertune.workload import ModelSpec, TrainSpec
 
 DISAGREE = 0.05            # engine vs solver beyond this: say so and refine
 EXACT_LIMIT = 2048         # enumerate the whole space through the engine when it is this small
+REFINE_SHARE = 0.15        # of the time limit, kept for the last stage (the cyclic model from the best)
 MEMORY_LEAN = ("zero-infinity", "megatrain", "fuyou")   # policies that need the least GPU memory
 
 
@@ -426,17 +427,11 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     by_kind = sorted(range(len(best)), key=lambda i: next(len(g) for g in groups if i in g))
     stage("local", t1, local_search(best, by_kind, choices, score, min(t0 + 0.55 * time_limit_s, stop_at())))
     settings("depth-refine")
-    # (5) the cyclic model again, at the chosen prefetch depth, hinted with the best schedule
-    if stop_at() - time.perf_counter() > 1.0:
-        cycle("cpsat-cycle-refine", 0.15)
-    if engine_vs_solver is not None and abs(engine_vs_solver) > DISAGREE:
-        what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
-                else "disagree: the engine finds it does not fit")
-        notes.append(f"engine and CP-SAT {what} on the solver's last schedule (CP-SAT: fixed issue order per "
-                     f"resource and memory floors; engine: priorities and memory as allocated)")
-    # (6) the plain local search (planner/local.py, `--search local`) from the best so far, in the
+    # the last stage, the cyclic model from the best schedule, keeps its share of the time
+    refine_s = REFINE_SHARE * time_limit_s
+    # (5) the plain local search (planner/local.py, `--search local`) from the best so far, in the
     # time left: every field and the prefetch depth on blocks of layers
-    left = stop_at() - time.perf_counter()
+    left = stop_at() - refine_s - time.perf_counter()
     if left > 0.2:
         t1 = time.perf_counter()
         polished = plain_local_search(model, train, hw, score.plan(best), left, tuple(grad_ranks),
@@ -446,17 +441,17 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         stage("polish", t1, list(polished.layers))
         if not stages[-1]["improved"]:
             score.set(kept)
-    # (7) iterated local search in whatever time is left: move a few random layers to random
-    # choices, polish again, keep what the engine finds faster (several layers must often change
-    # at once: memory one gives up pays for another's faster choice)
+    # (6) iterated local search in the time left: move a few random layers to random choices,
+    # polish again, keep what the engine finds faster (several layers must often change at once:
+    # memory one gives up pays for another's faster choice)
     t1 = time.perf_counter()
     rng = random.Random(0)
     run, run_s, run_plan = list(best), best_s, score.plan(best)
-    while stop_at() - time.perf_counter() > 0.2:
+    while stop_at() - refine_s - time.perf_counter() > 0.2:
         cand = list(run)
         for i in rng.sample(range(len(cand)), min(len(cand), 3)):
             cand[i] = rng.choice(choices)
-        left = stop_at() - time.perf_counter()
+        left = stop_at() - refine_s - time.perf_counter()
         try:
             res = plain_local_search(model, train, hw, run_plan.with_layers(cand),
                                      min(left, max(1.0, 0.1 * time_limit_s)), tuple(grad_ranks), allowed=allowed)
@@ -470,6 +465,15 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         stage("restarts", t1, run)
         if not stages[-1]["improved"]:
             score.set(kept)
+    # (7) the cyclic model again, at the chosen prefetch depth and slices, from the best schedule:
+    # it moves many layers at once where the engine-scored stages move one or a few
+    if stop_at() - time.perf_counter() > 1.0:
+        cycle("cpsat-cycle-refine", REFINE_SHARE)
+    if engine_vs_solver is not None and abs(engine_vs_solver) > DISAGREE:
+        what = (f"disagree by {100 * engine_vs_solver:+.1f}%" if math.isfinite(engine_vs_solver)
+                else "disagree: the engine finds it does not fit")
+        notes.append(f"engine and CP-SAT {what} on the solver's last schedule (CP-SAT: fixed issue order per "
+                     f"resource and memory floors; engine: priorities and memory as allocated)")
     best_s, sim = score.eval(best)
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
