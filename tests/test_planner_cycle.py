@@ -1,5 +1,5 @@
 """The cyclic CP-SAT model of a training step: its Python longest-path evaluation and CP-SAT agree
-on the period of any fixed plan, its search never returns a plan it rates worse than its seed, and
+on the period of any fixed plan (also in a model with every layer pinned), its search never returns a plan it rates worse than its seed, and
 its period for the named baselines is close to what the engine simulates."""
 
 import random
@@ -22,11 +22,11 @@ TRAIN = TrainSpec(batch=4, seq_len=1024)
 def test_evaluate_equals_cp_sat_on_a_pinned_plan():
     cm = CostModel(MODEL, TRAIN, HW)
     choices = cpsat.layer_choices(TRAIN)
-    model = CycleModel(cm, choices, HW.gpu_mem_bytes * 100, depth=1)
+    model = CycleModel(cm, [choices] * len(cm.layers), HW.gpu_mem_bytes * 100, depth=1)
     rng = random.Random(1)
     for _ in range(3):
         pick = [rng.randrange(len(choices)) for _ in model.x]
-        period, _ = model.evaluate(pick)
+        period, _ = model.evaluate([choices[k] for k in pick])
         pinned = model.m.clone()
         for i, k in enumerate(pick):
             pinned.add(model.x[i][k] == 1)
@@ -34,6 +34,11 @@ def test_evaluate_equals_cp_sat_on_a_pinned_plan():
         solver.parameters.num_workers = 2
         assert solver.solve(pinned) == cp_model.OPTIMAL
         assert solver.objective_value == period
+        # a model with every layer pinned to the plan (as each search window pins all but a few)
+        # rates it the same
+        plan = [choices[k] for k in pick]
+        alone = CycleModel(cm, [[lp] for lp in plan], HW.gpu_mem_bytes * 100, depth=1, unit=model.unit)
+        assert alone.evaluate(plan)[0] == period
 
 
 def test_the_search_never_returns_worse_than_its_seed_and_tracks_the_engine():

@@ -91,21 +91,35 @@ def _phase_lanes(r: LayerRecipe, lp: LayerPlan, cpu_workers: int) -> dict[str, f
 
 
 class CycleModel:
-    """The model for one (cost model, choices, GPU budget); see the module docstring."""
+    """The model for one (cost model, per-layer choices, GPU budget); see the module docstring.
 
-    def __init__(self, cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth: int,
-                 host_ckpt: bool = False, nnz_per_row: int = 4, slices: int = 1) -> None:
+    `choices[i]` are layer i's options; a layer with one option is a constant, so a model whose
+    layers are pinned but for a window is small (the large-neighbourhood search builds one per
+    window). `unit`: seconds per model time unit (default: 1/20000 of the slowest serial step),
+    fixed across the models of one search so that their periods compare."""
+
+    def __init__(self, cm: CostModel, choices: list[list[LayerPlan]], gpu_budget: int, depth: int,
+                 host_ckpt: bool = False, nnz_per_row: int = 4, slices: int = 1, unit: float | None = None) -> None:
         hw = cm.hw
         n = len(cm.layers)
         self.cm, self.choices = cm, choices
-        recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row, slices) for lp in choices] for i in range(n)]
-        work = [[_phase_lanes(r, lp, hw.cpu_workers) for r, lp in zip(recs[i], choices)] for i in range(n)]
-        # integer time: about 1/20000 of the slowest choice's serial step
+        recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row, slices) for lp in choices[i]] for i in range(n)]
+        lanes_memo: dict = cm.__dict__.setdefault("_phase_lanes_memo", {})   # one search builds many models
+        work = []
+        for i in range(n):
+            row = []
+            for r, lp in zip(recs[i], choices[i]):
+                w = lanes_memo.get((id(r), lp))
+                if w is None:
+                    w = lanes_memo[id(r), lp] = _phase_lanes(r, lp, hw.cpu_workers)
+                row.append(w)
+            work.append(row)
         worst = sum(max(sum(w.values()) for w in work[i]) for i in range(n))
-        self.unit = unit = max(worst, 1e-9) / 20000
+        self.unit = unit = unit or max(worst, 1e-9) / 20000
         H = int(worst / unit) * 2 + 10
         m = self.m = cp_model.CpModel()
-        x = self.x = [[m.new_bool_var(f"x{i}_{k}") for k in range(len(choices))] for i in range(n)]
+        # a pinned layer's one option is the constant 1
+        x = self.x = [[m.new_bool_var(f"x{i}_{k}") for k in range(len(c))] if len(c) > 1 else [1] for i, c in enumerate(choices)]
         # durations in model units, per layer, choice and key: the one rounding both the model and
         # `evaluate` use
         self.units = [[{key: int(round(v / unit)) for key, v in w.items()} for w in work[i]] for i in range(n)]
@@ -114,7 +128,8 @@ class CycleModel:
         self.lits: list = []           # (bool var, layer, choice indices that make it true)
         self.kept_mib: list = []       # (running-sum var, layer): MiB layers 0..i keep for backward
         for row in x:
-            m.add_exactly_one(row)
+            if len(row) > 1:
+                m.add_exactly_one(row)
 
         durs = self.durs = {}
 
@@ -122,10 +137,12 @@ class CycleModel:
             """Layer i's duration of `key` as one variable (constraints stay 3 terms long: with the
             sums over choices inlined, CP-SAT's presolve looped for seconds)."""
             if (i, key) not in durs:
-                terms = [(self.units[i][k].get(key, 0), x[i][k]) for k in range(len(choices))]
+                terms = [(self.units[i][k].get(key, 0), x[i][k]) for k in range(len(choices[i]))]
                 terms = [(c, v) for c, v in terms if c > 0]
                 if not terms:
                     durs[i, key] = 0
+                elif len(choices[i]) == 1:
+                    durs[i, key] = terms[0][0]
                 else:
                     d = m.new_int_var(0, max(c for c, _ in terms), f"d{i}_{key}")
                     m.add(d == sum(c * v for c, v in terms))
@@ -134,8 +151,8 @@ class CycleModel:
 
         def lit(i: int, pred) -> cp_model.IntVar | int:
             """1 when layer i's choice satisfies pred."""
-            ks = [k for k, lp in enumerate(choices) if pred(lp)]
-            if len(ks) == len(choices):
+            ks = [k for k, lp in enumerate(choices[i]) if pred(lp)]
+            if len(ks) == len(choices[i]):
                 return 1
             if not ks:
                 return 0
@@ -263,33 +280,33 @@ class CycleModel:
 
         def mib(v: int) -> int:
             return -(-int(v) // MIB)
-        self.home_gpu_mib = [[mib(recs[i][k].home[GPU_TIER]) for k in range(len(choices))] for i in range(n)]
-        home = [sum(mib(recs[i][k].home[t]) * x[i][k] for i in range(n) for k in range(len(choices))
+        self.home_gpu_mib = [[mib(recs[i][k].home[GPU_TIER]) for k in range(len(choices[i]))] for i in range(n)]
+        home = [sum(mib(recs[i][k].home[t]) * x[i][k] for i in range(n) for k in range(len(choices[i]))
                     if recs[i][k].home[t]) for t in range(3)]
         prefix = 0                                     # MiB earlier layers keep for their backward
         for i in range(n):
             working = sum(mib(recs[i][k].working_gpu + recs[i][k].kept[GPU_TIER]) * x[i][k]
-                          for k in range(len(choices)))
+                          for k in range(len(choices[i])))
             prefetch = 0
             if i > 0 and depth > 0:                    # the next layer's weights arrive meanwhile
                 prefetch = sum(mib(recs[i - 1][k].weight_bytes) * x[i - 1][k]
-                               for k, lp in enumerate(choices) if lp.params != "gpu")
+                               for k, lp in enumerate(choices[i - 1]) if lp.params != "gpu")
             m.add(home_gpu + prefix + working + prefetch <= usable)
             # during layer i's forward: its activations being made (a slice's at a time when sliced),
             # its weights, the previous layer's activations still on their way out, the next
             # layer's weights on their way in
             forward = sum(mib(recs[i][k].act_slice_bytes + (recs[i][k].weight_bytes if lp.params != "gpu" else 0))
-                          * x[i][k] for k, lp in enumerate(choices))
+                          * x[i][k] for k, lp in enumerate(choices[i]))
             if i > 0:
                 forward += sum(mib(recs[i - 1][k].act_slice_bytes) * x[i - 1][k]
-                               for k, lp in enumerate(choices) if lp.activations in ("cpu", "ssd"))
+                               for k, lp in enumerate(choices[i - 1]) if lp.activations in ("cpu", "ssd"))
             if i + 1 < n and depth > 0:
                 forward += sum(mib(recs[i + 1][k].weight_bytes) * x[i + 1][k]
-                               for k, lp in enumerate(choices) if lp.params != "gpu")
+                               for k, lp in enumerate(choices[i + 1]) if lp.params != "gpu")
             m.add(home_gpu + prefix + forward <= usable)
             nxt = m.new_int_var(0, max(usable, 0), f"kept{i}")
-            self.kept_mib.append((nxt, [mib(recs[i][k].kept[GPU_TIER]) for k in range(len(choices))]))
-            m.add(nxt == prefix + sum(mib(recs[i][k].kept[GPU_TIER]) * x[i][k] for k in range(len(choices))
+            self.kept_mib.append((nxt, [mib(recs[i][k].kept[GPU_TIER]) for k in range(len(choices[i]))]))
+            m.add(nxt == prefix + sum(mib(recs[i][k].kept[GPU_TIER]) * x[i][k] for k in range(len(choices[i]))
                                       if recs[i][k].kept[GPU_TIER]))
             prefix = nxt
         m.add(home_gpu == home[GPU_TIER])
@@ -297,10 +314,12 @@ class CycleModel:
         m.add(home[SSD_TIER] <= hw.ssd_capacity_total_bytes // MIB)
         m.minimize(T)
 
-    def evaluate(self, choice: list[int]) -> tuple[int, list[tuple[object, int]]]:
-        """The model's period for fixed decisions (choice index per layer), computed as the longest
-        paths of the same rules, and a full hint: (variable, value) for decisions, durations, ends."""
+    def evaluate(self, layers: list[LayerPlan]) -> tuple[int, list[tuple[object, int]]]:
+        """The model's period for fixed decisions (one of its options per layer), computed as the
+        longest paths of the same rules, and a full hint: (variable, value) for decisions,
+        durations, ends."""
         n = len(self.x)
+        choice = [self.choices[i].index(lp) for i, lp in enumerate(layers)]
         u = [self.units[i][choice[i]] for i in range(n)]
         val: dict = {}
         for v, deps, i, keys in self.rules:
@@ -309,10 +328,11 @@ class CycleModel:
         T = max(sum(u[i].get(k, 0) for i in range(n) for k in keys) for keys in self.lanes)
         T = max(T, val[self.chain_end.index])
         for ready, first_use, i, (deferred, on_ssd) in self.cyclic:
-            lp = self.choices[choice[i]]
+            lp = layers[i]
             if (lp.update == "after") == deferred and (lp.params == "ssd") == on_ssd:
                 T = max(T, val[ready.index] - (val[first_use.index] if not isinstance(first_use, int) else 0))
-        hint = [(self.x[i][k], int(k == choice[i])) for i in range(n) for k in range(len(self.choices))]
+        hint = [(v, int(k == choice[i])) for i, row in enumerate(self.x) for k, v in enumerate(row)
+                if not isinstance(v, int)]
         hint += [(d, u[i].get(key, 0)) for (i, key), d in self.durs.items() if not isinstance(d, int)]
         hint += [(v, val[v.index]) for v, *_ in self.rules]
         hint.append((self.T, T))
@@ -325,32 +345,36 @@ class CycleModel:
         return T, hint
 
     def decisions(self, solver: cp_model.CpSolver) -> list[LayerPlan]:
-        return [next(c for k, c in enumerate(self.choices) if solver.value(self.x[i][k]))
-                for i in range(len(self.x))]
+        return [next(c for c, v in zip(self.choices[i], row) if isinstance(v, int) or solver.value(v))
+                for i, row in enumerate(self.x)]
 
 
 def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] | None, gpu_budget: int,
                 depth: int, time_limit_s: float, host_ckpt: bool = False, nnz_per_row: int = 4,
                 window: int = 8, seed_rng: int = 0, slices: int = 1) -> tuple[list[list[LayerPlan]], SolverStats]:
     """The least-period schedule of the cyclic model, hinted with `seed` (its choices are added to
-    `choices` where missing), every layer costed at the plan's `slices` (activation_slices). Returns the solutions found, each better than the last in the model
-    (the last is its best; the engine, which may rank them otherwise, picks), and stats.
+    `choices` where missing), every layer costed at the plan's `slices` (activation_slices).
+    Returns the solutions found, each better than the last in the model (the last is its best;
+    the engine, which may rank them otherwise, picks), and stats.
 
     With a seed the model is solved by large-neighbourhood search: the seed's period first
-    (`CycleModel.evaluate`: the same rules as longest paths), then repeatedly the model
-    with every layer pinned to the incumbent except a window of 3 to `window` consecutive layers
-    (and two random ones), each sub-solve hinted with the incumbent's full solution (`evaluate`),
-    keeping what lowers T, until 2n windows in a row find nothing. On 42 layers x 72 choices the whole model, hinted, did not move in 10 s
-    in our trials, while an 8-layer window solved to optimality in 0.01 s of CP-SAT's
-    deterministic time."""
+    (`CycleModel.evaluate`: the same rules as longest paths), then repeatedly a model whose layers
+    are pinned to the incumbent but for a window of 3 to `window` consecutive layers (and two
+    random ones), hinted with the incumbent's full solution, keeping what lowers T, until 2n
+    windows in a row find nothing. On 42 layers x 72 choices the whole model, hinted, did not move
+    in 10 s in our trials, while an 8-layer window solved to optimality in 0.01 s of CP-SAT's
+    deterministic time. Each window builds its own model, with one option for a pinned layer:
+    building the whole model took 2.7 s on gpt3-175b (98 layers x 72 options) and every window
+    cloned and presolved it again."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
-    if seed:
-        choices = list(choices) + [lp for lp in dict.fromkeys(seed) if lp not in choices]
-    model = CycleModel(cm, choices, gpu_budget, depth, host_ckpt, nnz_per_row, slices)
-    n = len(model.x)
-    extra: dict = {"unit_s": model.unit, "build_s": time.perf_counter() - t0, "neighbourhoods": 0, "improvements": 0}
+    n = len(cm.layers)
+
+    def build(options: list[list[LayerPlan]], unit: float | None = None) -> CycleModel:
+        return CycleModel(cm, options, gpu_budget, depth, host_ckpt, nnz_per_row, slices, unit)
     if not seed:
+        model = build([list(choices)] * n)
+        extra: dict = {"unit_s": model.unit, "build_s": time.perf_counter() - t0}
         solver = _solver(max(0.5, deadline - time.perf_counter()))
         st = _solve(solver, model.m)
         if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -358,10 +382,14 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         return [model.decisions(solver)], SolverStats(STATUS[st], solver.objective_value * model.unit,
                                                     solver.best_objective_bound * model.unit,
                                                     time.perf_counter() - t0, "cycle", extra)
-    current = [choices.index(lp) for lp in seed]
+    choices = list(choices) + [lp for lp in dict.fromkeys(seed) if lp not in choices]
+    current = list(seed)
+    pinned = build([[lp] for lp in current])
+    unit = pinned.unit
+    best, _ = pinned.evaluate(current)
+    extra = {"unit_s": unit, "build_s": time.perf_counter() - t0, "neighbourhoods": 0, "improvements": 0,
+             "seed_objective_s": best * unit}
     trail: list[list[LayerPlan]] = []      # every improving incumbent, in order
-    best, hint = model.evaluate(current)
-    extra["seed_objective_s"] = best * model.unit
     rng = random.Random(seed_rng)
     # every layer has been free in several windows by 2n fruitless ones: the time left goes back
     # to the planner's engine-scored stages
@@ -370,34 +398,31 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         w = rng.randint(min(3, n), min(window, n))    # small windows move one stretch, large ones trade
         start = rng.randrange(0, n - w + 1)
         free = set(range(start, start + w)) | set(rng.sample(range(n), min(2, n)))
-        sub = model.m.clone()
-        for i in range(n):
-            if i not in free:
-                sub.add(model.x[i][current[i]] == 1)
-        sub.add(model.T <= best - 1)                  # only a better period is an answer
-        sub.clear_hints()
+        sub = build([choices if i in free else [current[i]] for i in range(n)], unit)
+        _, hint = sub.evaluate(current)
+        sub.m.add(sub.T <= best - 1)                  # only a better period is an answer
         for var, v in hint:
-            sub.add_hint(var, v)
+            sub.m.add_hint(var, v)
         s = _solver(min(1.5, deadline - time.perf_counter()))
-        # A window's search took a few hundredths of a second of CP-SAT's deterministic time but
-        # 2-4 s of wall time in our trials (2 cores under load), most of it proving the window's
-        # optimum and running its LP. Asked for any better period and stopped at the first one,
-        # without the LP, a window answered in 0.6-1.6 s and every one of 5 trial windows moved;
-        # full presolve (probing, symmetry) on ~4,000 mostly pinned variables is cut to one pass.
+        # Asked for any better period and stopped at the first one, without the LP and with one
+        # presolve pass: proving a window's optimum, running its LP and probing took most of a
+        # window's wall time in our trials.
         s.parameters.stop_after_first_solution = True
         s.parameters.linearization_level = 0
         s.parameters.max_presolve_iterations = 1
         s.parameters.cp_model_probing_level = 0
         s.parameters.symmetry_level = 0
-        st = _solve(s, sub)
+        tb = time.perf_counter()
+        st = _solve(s, sub.m)
+        extra["solve_s"] = extra.get("solve_s", 0.0) + time.perf_counter() - tb
         extra["neighbourhoods"] += 1
         fruitless += 1
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) and s.objective_value < best - 0.5:
             fruitless = 0
-            current = [next(k for k in range(len(choices)) if s.value(model.x[i][k])) for i in range(n)]
-            best, hint = model.evaluate(current)
+            current = sub.decisions(s)
+            best, _ = sub.evaluate(current)
             extra["improvements"] += 1
-            trail.append([choices[k] for k in current])
+            trail.append(list(current))
     wall = time.perf_counter() - t0
     status = "feasible" if extra["improvements"] else "seed"
-    return trail or [list(seed)], SolverStats(status, best * model.unit, None, wall, "cycle", extra)
+    return trail or [list(seed)], SolverStats(status, best * unit, None, wall, "cycle", extra)

@@ -388,16 +388,19 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
     def cycle(name: str, share: float) -> None:
         nonlocal solver, engine_vs_solver
         t1 = time.perf_counter()
+        # the model's last improving solutions are judged by the engine (the model's best is not
+        # always its); each costs an engine run, half a second on a 96-layer model in thin slices,
+        # taken from the stage's share
+        judged = 3
+        budget = min(share * time_limit_s, max(0.5, stop_at() - t1 - 0.2))
         found, st = solve_cycle(cm, choices, best or None, hw.gpu_mem_bytes, score.depth,
-                                min(share * time_limit_s, max(0.5, stop_at() - t1 - 0.2)),
+                                max(0.3, budget - judged * score.slowest_s),
                                 host_ckpt=cpu_checkpointing, nnz_per_row=template.globals.lsp_nnz_per_row,
                                 slices=score.slices)
         solver = st.to_dict()
         if found and st.objective_s:
             engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
-        # the model's improving solutions, judged by the engine (the model's best is not always its)
-        # (its last five: each costs an engine run, half a second on a 96-layer model in thin slices)
-        sol = min(found[-5:], key=score) if found else None
+        sol = min(found[-judged:], key=score) if found else None
         stage(name, t1, sol, **_solver_fields(st))
     cycle("cpsat-cycle", 0.25)
     if math.isinf(best_s):
