@@ -19,7 +19,7 @@ def graph(tasks: list[tuple[int, float]], contention: list[list[float]] | None) 
     """Independent tasks (resource, seconds), all ready at t=0."""
     g = TaskGraph()
     for i, (res, dur) in enumerate(tasks):
-        g.add("forward", "", i, 0, 0, res, dur)
+        g.add("forward", "", i, 0, res, dur)
     g.finish()
     g.capacity = [BIG, BIG, BIG]
     g.contention = contention

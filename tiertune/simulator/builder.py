@@ -10,6 +10,13 @@ measured networkx construction plus its topological sort at ~30 ms for a 96-laye
 than the whole engine run, and the planner calls `simulate` many times. `TaskGraph.to_networkx()`
 gives the same graph as a DiGraph for analysis (critical path, tests).
 
+Every training step issues the same tasks in the same order, so `build` generates one step and
+`TaskGraph.finish` lays it down once per iteration, offsetting ids (a third of the time of
+generating three steps). What a step waits for from the step before (each layer's last update,
+the previous step's last compute, the prefetch window reaching back) is named in the generated
+step by a placeholder, a negative id, that `finish` resolves to the task playing that role at the
+end of the step; the first step has none of these edges.
+
 Memory model (bytes per layer from workload.layer_costs):
   resident at t=0: GPU-homed weights; GPU optimizer state (+ the gradient buffer unless `fused`);
       CPU-/SSD-homed weights and optimizer state on their tier; a CUDA context reserve.
@@ -59,8 +66,10 @@ class TaskGraph:
     # other resources s busy meanwhile) of its speed; None: resources never slow each other
     contention: list[list[float]] | None = None
     iterations: int = 1
-    _rows: list = field(default_factory=list, repr=False)     # ROW fields per task, flat
+    _rows: list = field(default_factory=list, repr=False)     # ROW fields per task of one step, flat
     _frees: list[int] = field(default_factory=list, repr=False)   # (task, tier, bytes) per release, flat
+    _placeholders: int = field(default=0, repr=False)
+    _from_previous: list[int] = field(default_factory=list, repr=False)   # (placeholder, task) per edge, flat
 
     def __len__(self) -> int:
         return len(self.duration)
@@ -68,42 +77,67 @@ class TaskGraph:
     # --- construction: each task's fields go into one flat list and each column is a slice of
     # it at the end. One extend per task costs less than a dozen appends, and, unlike a list of
     # row tuples, leaves no object per task alive for the garbage collector to walk. --------------
-    ROW = 12        # fields per task in _rows, in add()'s argument order
+    ROW = 11        # fields per task in _rows, in add()'s argument order
 
-    def add(self, kind: str, tag: str, layer: int, it: int, mb: int, res: int, dur: float, nbytes: int = 0,
+    def add(self, kind: str, tag: str, layer: int, mb: int, res: int, dur: float, nbytes: int = 0,
             flops: float = 0.0, gpu: int = 0, cpu: int = 0, ssd: int = 0) -> int:
         succ = self.succ
         t = len(succ)
-        self._rows.extend((kind, tag, layer, it, mb, res, dur, nbytes, flops, gpu, cpu, ssd))
+        self._rows.extend((kind, tag, layer, mb, res, dur, nbytes, flops, gpu, cpu, ssd))
         succ.append([])
         return t
 
+    def placeholder(self) -> int:
+        """A stand-in (negative id) for a task of the previous step; `finish` resolves it."""
+        self._placeholders += 1
+        return -self._placeholders
+
     def edge(self, u: int | None, v: int) -> None:
-        if u is not None:
-            assert u < v, "task ids must stay topologically ordered"
-            self.succ[u].append(v)
+        if u is None:
+            return
+        if u < 0:
+            self._from_previous.extend((u, v))
+            return
+        assert u < v, "task ids must stay topologically ordered"
+        self.succ[u].append(v)
 
     def release(self, t: int, tier: int, nbytes: int) -> None:
         """Task t frees nbytes on tier when it ends."""
         self._frees.extend((t, tier, nbytes))
 
-    def finish(self) -> "TaskGraph":
-        """Turn the rows into the column lists the engine reads."""
-        rows, w = self._rows, self.ROW
-        n = len(rows) // w
-        if n:
-            (self.kind, self.tag, self.layer, self.iteration, self.micro, self.resource, self.duration,
-             self.nbytes, self.flops) = (rows[k::w] for k in range(9))
-            self.alloc = (rows[9::w], rows[10::w], rows[11::w])
-        free = self.free = ([0] * n, [0] * n, [0] * n)
+    def finish(self, previous: dict[int, int] | None = None) -> "TaskGraph":
+        """Lay the generated step down `iterations` times and turn its rows into the column lists the
+        engine reads. previous[p]: the task (or, when the step is shorter than the prefetch window,
+        another placeholder: one more step back) that plays placeholder p's role at the end of a
+        step; None where no edge comes from a previous step."""
+        rows, w, k = self._rows, self.ROW, self.iterations
+        m = len(rows) // w                                   # tasks per step
+        (self.kind, self.tag, self.layer, self.micro, self.resource, self.duration, self.nbytes, self.flops,
+         *alloc) = (rows[j::w] * k for j in range(w))
+        self.alloc = tuple(alloc)
+        self.iteration = [it for it in range(k) for _ in range(m)]
+        free = ([0] * m, [0] * m, [0] * m)
         frees = iter(self._frees)
         for t, tier, b in zip(frees, frees, frees):
             free[tier][t] += b
-        npred = self.npred = [0] * n
-        for vs in self.succ:
+        self.free = tuple(f * k for f in free)
+        step = self.succ
+        npred = [0] * m
+        for vs in step:
             for v in vs:
                 npred[v] += 1
-        self._rows, self._frees = [], []
+        npred = self.npred = npred * k
+        succ = self.succ = [[v + off for v in vs] for off in range(0, k * m, m) for vs in step]
+        pairs = iter(self._from_previous)
+        for u, v in zip(pairs, pairs):
+            back = 0
+            while u < 0:
+                u, back = previous[u], back + 1
+                assert back <= len(previous), "a placeholder must resolve to a task"
+            for it in range(back, k):
+                succ[u + (it - back) * m].append(v + it * m)
+                npred[v + it * m] += 1
+        self._rows, self._frees, self._from_previous = [], [], []
         return self
 
     def permuted(self, order: list[int]) -> "TaskGraph":
@@ -192,25 +226,27 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         for k in range(len(TIERS)):
             res[k] += r.home[k]
 
-    uses: list[int] = []                # the compute task that ends each layer step, in issue order
-    upd_done: list[int | None] = [None] * n      # last task making layer i's weights current at home
-    opt_written: list[int | None] = [None] * n   # last SSD write of layer i's optimizer state
-    upd_seq: list[int] = []
+    # What one step hands the next, as placeholders for the previous step's tasks (module docstring).
+    prev_end = g.placeholder()                   # the compute task everything of the next micro-batch follows
+    upd_done = [g.placeholder() for _ in range(n)]       # last task making layer i's weights current at home
+    opt_written = [g.placeholder() for _ in range(n)]    # last SSD write of layer i's optimizer state
+    uses = [g.placeholder() for _ in range(depth + 1)]   # the compute task that ends each layer step, in issue order
+    handed_over = [prev_end, *upd_done, *opt_written, *uses]
+    upd_seq: list[int] = []              # this step's CPU updates, in issue order
 
-    def window() -> int | None:
+    def window() -> int:
         """A prefetch for the layer step about to be appended may start once the step depth+1 back ended."""
-        p = len(uses) - 1 - depth
-        return uses[p] if p >= 0 else None
+        return uses[-1 - depth]
 
-    def load_weights(i: int, it: int, mb: int, first_use: bool, phase: str) -> int | None:
+    def load_weights(i: int, mb: int, first_use: bool, phase: str) -> int | None:
         """Stream layer i's weights to the GPU; returns the h2d task (None when GPU-resident)."""
         home = lp_[i].params
         if home == "gpu":
             return None
         head = None
         if home == "ssd":
-            head = g.add("ssd_read", "w." + phase, i, it, mb, SSD_READ, dur(i, "w_ssd_read_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], cpu=wb[i])
-        h = g.add("load", "w." + phase, i, it, mb, H2D, dur(i, "w_load_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], gpu=wb[i])
+            head = g.add("ssd_read", "w." + phase, i, mb, SSD_READ, dur(i, "w_ssd_read_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], cpu=wb[i])
+        h = g.add("load", "w." + phase, i, mb, H2D, dur(i, "w_load_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], gpu=wb[i])
         if head is not None:
             g.edge(head, h)
             g.release(h, 1, wb[i])
@@ -220,12 +256,12 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             g.edge(upd_done[i], first)
         return h
 
-    def update(i: int, it: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
+    def update(i: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
         """Optimizer step of layer i and the copies that bring its weights home; returns the update task."""
         lp, c = lp_[i], cm.layers[i]
         if lp.optimizer == "gpu":
             out = wb[i] if lp.params != "gpu" else 0      # new compute-dtype weights to send home
-            u = g.add("update", "", i, it, 0, GPU, dur(i, "update"), gpu=out)
+            u = g.add("update", "", i, 0, GPU, dur(i, "update"), gpu=out)
             for x in grad_ready:
                 g.edge(x, u)
             g.edge(gate, u)
@@ -233,13 +269,13 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.release(u, 0, c.grad_bytes)
             done = u
             if lp.params != "gpu":
-                wbk = g.add("writeback", "w", i, it, 0, D2H, dur(i, "writeback"), wb[i],
+                wbk = g.add("writeback", "w", i, 0, D2H, dur(i, "writeback"), wb[i],
                             cpu=wb[i] if lp.params == "ssd" else 0)
                 g.edge(u, wbk)
                 g.release(wbk, 0, wb[i])
                 done = wbk
                 if lp.params == "ssd":
-                    sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
+                    sw = g.add("ssd_write", "w", i, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
                     g.edge(wbk, sw)
                     g.release(sw, 1, wb[i])
                     done = sw
@@ -248,7 +284,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         # CPU optimizer (state in host memory, or on SSD and streamed through host memory).
         sr = None
         if lp.optimizer == "ssd":
-            sr = g.add("ssd_read", "opt", i, it, 0, SSD_READ, dur(i, "opt_ssd_read"), opt_bytes[i],
+            sr = g.add("ssd_read", "opt", i, 0, SSD_READ, dur(i, "opt_ssd_read"), opt_bytes[i],
                        cpu=opt_bytes[i])
             g.edge(opt_written[i], sr)
             g.edge(read_after, sr)
@@ -256,7 +292,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 g.edge(upd_seq[-1 - depth], sr)
         rank = lp.grad_rank
         out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
-        u = g.add("update", "", i, it, 0, CPU, dur(i, "update"), cpu=out)
+        u = g.add("update", "", i, 0, CPU, dur(i, "update"), cpu=out)
         if len(upd_seq) >= g.pool_slots[CPU]:
             # The optimizer's workers take steps in issue order (DeepSpeed's CPU Adam, our executor):
             # one whose gradient is ready early does not jump ahead of the layer the next forward needs first.
@@ -268,172 +304,170 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         g.edge(gate, u)
         g.release(u, 1, sent_bytes[i])                # the host gradient buffer
         if sr is not None:
-            sw = g.add("ssd_write", "opt", i, it, 0, SSD_WRITE, dur(i, "opt_ssd_write"), opt_bytes[i])
+            sw = g.add("ssd_write", "opt", i, 0, SSD_WRITE, dur(i, "opt_ssd_write"), opt_bytes[i])
             g.edge(u, sw)
             g.release(sw, 1, opt_bytes[i])
             opt_written[i] = sw
         done = u
         if lp.params == "gpu" and rank:
-            wbk = g.add("writeback", "w", i, it, 0, H2D, dur(i, "writeback"), sent_bytes[i], gpu=sent_bytes[i])
+            wbk = g.add("writeback", "w", i, 0, H2D, dur(i, "writeback"), sent_bytes[i], gpu=sent_bytes[i])
             g.edge(u, wbk)
             g.release(wbk, 1, sent_bytes[i])
-            d = g.add("decompress", "", i, it, 0, GPU, dur(i, "decompress"))
+            d = g.add("decompress", "", i, 0, GPU, dur(i, "decompress"))
             g.edge(wbk, d)
             g.release(d, 0, sent_bytes[i])
             done = d
         elif lp.params == "gpu":
-            wbk = g.add("writeback", "w", i, it, 0, H2D, dur(i, "writeback"), wb[i])
+            wbk = g.add("writeback", "w", i, 0, H2D, dur(i, "writeback"), wb[i])
             g.edge(u, wbk)
             g.release(wbk, 1, wb[i])
             done = wbk
         elif lp.params == "ssd":
-            sw = g.add("ssd_write", "w", i, it, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
+            sw = g.add("ssd_write", "w", i, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
             g.edge(u, sw)
             g.release(sw, 1, wb[i])
             done = sw
         upd_done[i] = done
         return u
 
-    prev_end: int | None = None          # the compute task everything of the next micro-batch follows
     keep_last = keeps_last_weights(n - 1, n, lp_[n - 1], passes)
-    for it in range(iterations):
-        grads: list[list[int]] = [[] for _ in range(n)]     # gradient arrivals per layer over micro-batches
-        upd_seq.clear()                                      # this step's CPU updates, in issue order
-        after_layers: list[int] = []
-        for mb in range(accum):
-            # ---- forward (a sliced layer: slice by slice, each slice's activations leaving alone) ----
-            homes: list[list[tuple[int | None, int | None]]] = [[] for _ in range(n)]   # per slice: (d2h, ssd write)
-            for i in range(n):
-                lp, c, r = lp_[i], cm.layers[i], rec[i]
-                S, a, k = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes
-                h = load_weights(i, it, mb, first_use=(mb == 0), phase="fwd")
-                for s in range(S):
-                    f = g.add("forward", "", i, it, mb, GPU, dur(i, "forward"), flops=c.fwd_flops / S, gpu=a)
-                    if s == 0:
-                        g.edge(h, f)
-                        if h is None and mb == 0:
-                            g.edge(upd_done[i], f)
-                    g.edge(prev_end, f)
-                    if s == S - 1 and h is not None and not (keep_last and i == n - 1):
-                        g.release(f, 0, wb[i])
-                    if lp.activations == "recompute":
-                        g.release(f, 0, a - k)
-                        if host_ckpt:
-                            o = g.add("offload", "ckpt", i, it, mb, D2H, dur(i, "ckpt_offload"), k, cpu=k)
-                            g.edge(f, o)
-                            g.release(o, 0, k)
-                            homes[i].append((o, None))
-                    elif lp.activations in ("cpu", "ssd"):
-                        o = g.add("offload", "act", i, it, mb, D2H, dur(i, "act_offload"), a, cpu=a)
+    # One training step; finish() repeats it.
+    grads: list[list[int]] = [[] for _ in range(n)]     # gradient arrivals per layer over micro-batches
+    after_layers: list[int] = []
+    for mb in range(accum):
+        # ---- forward (a sliced layer: slice by slice, each slice's activations leaving alone) ----
+        homes: list[list[tuple[int | None, int | None]]] = [[] for _ in range(n)]   # per slice: (d2h, ssd write)
+        for i in range(n):
+            lp, c, r = lp_[i], cm.layers[i], rec[i]
+            S, a, k = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes
+            h = load_weights(i, mb, first_use=(mb == 0), phase="fwd")
+            for s in range(S):
+                f = g.add("forward", "", i, mb, GPU, dur(i, "forward"), flops=c.fwd_flops / S, gpu=a)
+                if s == 0:
+                    g.edge(h, f)
+                    if h is None and mb == 0:
+                        g.edge(upd_done[i], f)
+                g.edge(prev_end, f)
+                if s == S - 1 and h is not None and not (keep_last and i == n - 1):
+                    g.release(f, 0, wb[i])
+                if lp.activations == "recompute":
+                    g.release(f, 0, a - k)
+                    if host_ckpt:
+                        o = g.add("offload", "ckpt", i, mb, D2H, dur(i, "ckpt_offload"), k, cpu=k)
                         g.edge(f, o)
-                        g.release(o, 0, a)
-                        w = None
+                        g.release(o, 0, k)
+                        homes[i].append((o, None))
+                elif lp.activations in ("cpu", "ssd"):
+                    o = g.add("offload", "act", i, mb, D2H, dur(i, "act_offload"), a, cpu=a)
+                    g.edge(f, o)
+                    g.release(o, 0, a)
+                    w = None
+                    if lp.activations == "ssd":
+                        w = g.add("ssd_write", "act", i, mb, SSD_WRITE, dur(i, "act_ssd_write"), a, ssd=a)
+                        g.edge(o, w)
+                        g.release(w, 1, a)
+                    homes[i].append((o, w))
+                prev_end = f
+            uses.append(f)
+        # ---- backward (twice when clipping needs the norm before in-backward updates) ----
+        for p in range(passes):
+            last = p == passes - 1
+            tag = "" if last else "norm"
+            sfx = "" if last else ".norm"
+            for i in reversed(range(n)):
+                lp, c, r = lp_[i], cm.layers[i], rec[i]
+                S, a, k, ws = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes, r.workspace_slice
+                if keep_last and i == n - 1:
+                    h = None
+                    freed_w = wb[i]
+                else:
+                    h = load_weights(i, mb, first_use=False, phase="bwd" if last else "norm")
+                    freed_w = wb[i] if h is not None else 0
+                dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
+                prefetch = window()
+                done_slices: list[int] = []
+                for s in range(S):
+                    # slices 0 and 1 come ahead with the layer; later ones as earlier ones finish
+                    gate = prefetch if s < 2 else done_slices[s - 2]
+                    prep = None
+                    if lp.activations in ("cpu", "ssd"):
+                        o, w = homes[i][s]
+                        src = o
                         if lp.activations == "ssd":
-                            w = g.add("ssd_write", "act", i, it, mb, SSD_WRITE, dur(i, "act_ssd_write"), a, ssd=a)
-                            g.edge(o, w)
-                            g.release(w, 1, a)
-                        homes[i].append((o, w))
-                    prev_end = f
-                uses.append(f)
-            # ---- backward (twice when clipping needs the norm before in-backward updates) ----
-            for p in range(passes):
-                last = p == passes - 1
-                tag = "" if last else "norm"
-                sfx = "" if last else ".norm"
-                for i in reversed(range(n)):
-                    lp, c, r = lp_[i], cm.layers[i], rec[i]
-                    S, a, k, ws = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes, r.workspace_slice
-                    if keep_last and i == n - 1:
-                        h = None
-                        freed_w = wb[i]
+                            sr = g.add("ssd_read", "act" + sfx, i, mb, SSD_READ, dur(i, "act_ssd_read"), a, cpu=a)
+                            g.edge(w, sr)
+                            g.edge(gate, sr)
+                            if last:
+                                g.release(sr, 2, a)
+                            src = sr
+                        prep = g.add("fetch", "act" + sfx, i, mb, H2D, dur(i, "act_fetch"), a, gpu=a)
+                        g.edge(src, prep)
+                        if lp.activations == "cpu":
+                            g.edge(gate, prep)
+                        if last or lp.activations == "ssd":
+                            g.release(prep, 1, a)
+                    elif lp.activations == "recompute":
+                        fetched = None
+                        if host_ckpt:
+                            fetched = g.add("fetch", "ckpt" + sfx, i, mb, H2D, dur(i, "ckpt_fetch"), k, gpu=k)
+                            g.edge(homes[i][s][0], fetched)
+                            g.edge(gate, fetched)
+                            if last:
+                                g.release(fetched, 1, k)
+                        prep = g.add("recompute", tag, i, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops / S,
+                                     gpu=a - k)
+                        g.edge(h, prep)
+                        g.edge(fetched, prep)
+                        g.edge(prev_end, prep)
+                    b = g.add("backward", tag, i, mb, GPU, dur(i, "backward"), flops=c.bwd_flops / S,
+                              gpu=ws + (dyn_grad if s == 0 else 0))
+                    g.edge(h, b)
+                    g.edge(prep, b)
+                    g.edge(prev_end, b)
+                    freed = ws + (freed_w if s == S - 1 else 0)
+                    if lp.activations == "keep":
+                        freed += a if last else 0
+                    elif lp.activations == "recompute":
+                        freed += a - k + (k if last or host_ckpt else 0)
                     else:
-                        h = load_weights(i, it, mb, first_use=False, phase="bwd" if last else "norm")
-                        freed_w = wb[i] if h is not None else 0
-                    dyn_grad = c.grad_bytes if (lp.optimizer != "gpu" or lp.update == "fused") else 0
-                    prefetch = window()
-                    done_slices: list[int] = []
-                    for s in range(S):
-                        # slices 0 and 1 come ahead with the layer; later ones as earlier ones finish
-                        gate = prefetch if s < 2 else done_slices[s - 2]
-                        prep = None
-                        if lp.activations in ("cpu", "ssd"):
-                            o, w = homes[i][s]
-                            src = o
-                            if lp.activations == "ssd":
-                                sr = g.add("ssd_read", "act" + sfx, i, it, mb, SSD_READ, dur(i, "act_ssd_read"), a, cpu=a)
-                                g.edge(w, sr)
-                                g.edge(gate, sr)
-                                if last:
-                                    g.release(sr, 2, a)
-                                src = sr
-                            prep = g.add("fetch", "act" + sfx, i, it, mb, H2D, dur(i, "act_fetch"), a, gpu=a)
-                            g.edge(src, prep)
-                            if lp.activations == "cpu":
-                                g.edge(gate, prep)
-                            if last or lp.activations == "ssd":
-                                g.release(prep, 1, a)
-                        elif lp.activations == "recompute":
-                            fetched = None
-                            if host_ckpt:
-                                fetched = g.add("fetch", "ckpt" + sfx, i, it, mb, H2D, dur(i, "ckpt_fetch"), k, gpu=k)
-                                g.edge(homes[i][s][0], fetched)
-                                g.edge(gate, fetched)
-                                if last:
-                                    g.release(fetched, 1, k)
-                            prep = g.add("recompute", tag, i, it, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops / S,
-                                         gpu=a - k)
-                            g.edge(h, prep)
-                            g.edge(fetched, prep)
-                            g.edge(prev_end, prep)
-                        b = g.add("backward", tag, i, it, mb, GPU, dur(i, "backward"), flops=c.bwd_flops / S,
-                                  gpu=ws + (dyn_grad if s == 0 else 0))
-                        g.edge(h, b)
-                        g.edge(prep, b)
-                        g.edge(prev_end, b)
-                        freed = ws + (freed_w if s == S - 1 else 0)
-                        if lp.activations == "keep":
-                            freed += a if last else 0
-                        elif lp.activations == "recompute":
-                            freed += a - k + (k if last or host_ckpt else 0)
-                        else:
-                            freed += a
-                        if not last and s == S - 1:
-                            freed += dyn_grad              # the norm pass only keeps a running sum
-                        g.release(b, 0, freed)
-                        done_slices.append(b)
-                        prev_end = b
-                    uses.append(b)
-                    if not last:
-                        continue
-                    # ---- gradient to the optimizer ----
-                    if lp.optimizer == "gpu":
-                        arrival = b
+                        freed += a
+                    if not last and s == S - 1:
+                        freed += dyn_grad              # the norm pass only keeps a running sum
+                    g.release(b, 0, freed)
+                    done_slices.append(b)
+                    prev_end = b
+                uses.append(b)
+                if not last:
+                    continue
+                # ---- gradient to the optimizer ----
+                if lp.optimizer == "gpu":
+                    arrival = b
+                else:
+                    src = b
+                    if lp.grad_rank:
+                        cx = g.add("compress", "grad", i, mb, GPU,
+                                   dur(i, "compress"), gpu=sent_bytes[i])
+                        g.edge(b, cx)
+                        g.release(cx, 0, c.grad_bytes)
+                        src = cx
+                    gd = g.add("grad", "grad", i, mb, D2H, dur(i, "grad"), sent_bytes[i],
+                               cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
+                    g.edge(src, gd)
+                    g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
+                    arrival = gd
+                grads[i].append(arrival)
+                if mb == accum - 1:
+                    if lp.update == "after":
+                        after_layers.append(i)
                     else:
-                        src = b
-                        if lp.grad_rank:
-                            cx = g.add("compress", "grad", i, it, mb, GPU,
-                                       dur(i, "compress"), gpu=sent_bytes[i])
-                            g.edge(b, cx)
-                            g.release(cx, 0, c.grad_bytes)
-                            src = cx
-                        gd = g.add("grad", "grad", i, it, mb, D2H, dur(i, "grad"), sent_bytes[i],
-                                   cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
-                        g.edge(src, gd)
-                        g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
-                        arrival = gd
-                    grads[i].append(arrival)
-                    if mb == accum - 1:
-                        if lp.update == "after":
-                            after_layers.append(i)
-                        else:
-                            u = update(i, it, grads[i], None, window() if lp.optimizer == "ssd" else None)
-                            if lp.update == "fused" and lp.optimizer == "gpu":
-                                prev_end = u          # LOMO: the hook updates before the next layer's backward
-        # ---- deferred (ZeRO-style) updates: in forward order so the next step can start early ----
-        gate = prev_end
-        order = sorted(after_layers)
-        upd_tasks: list[int] = []
-        for j, i in enumerate(order):
-            read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
-            upd_tasks.append(update(i, it, grads[i], gate, read_after))
-    return g.finish()
+                        u = update(i, grads[i], None, window() if lp.optimizer == "ssd" else None)
+                        if lp.update == "fused" and lp.optimizer == "gpu":
+                            prev_end = u          # LOMO: the hook updates before the next layer's backward
+    # ---- deferred (ZeRO-style) updates: in forward order so the next step can start early ----
+    gate = prev_end
+    order = sorted(after_layers)
+    upd_tasks: list[int] = []
+    for j, i in enumerate(order):
+        read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
+        upd_tasks.append(update(i, grads[i], gate, read_after))
+    return g.finish(dict(zip(handed_over, [prev_end, *upd_done, *opt_written, *uses[-1 - depth:]])))
