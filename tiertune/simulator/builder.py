@@ -127,7 +127,13 @@ class TaskGraph:
             for v in vs:
                 npred[v] += 1
         npred = self.npred = npred * k
-        succ = self.succ = [[v + off for v in vs] for off in range(0, k * m, m) for vs in step]
+        # Later steps' successor lists map the step's ids through one shared int per task (adding
+        # the offset would make a new int object per edge).
+        ids = list(range(k * m))
+        succ = self.succ = list(step)
+        for off in range(m, k * m, m):
+            to = ids[off:off + m].__getitem__
+            succ += [list(map(to, vs)) for vs in step]
         pairs = iter(self._from_previous)
         for u, v in zip(pairs, pairs):
             back = 0
