@@ -33,10 +33,11 @@ def cases(draw):
                          cpu_workers=draw(st.integers(1, 3)), ssd_count=draw(st.integers(1, 4)),
                          cpu_mem_bytes=draw(st.sampled_from([BASE_HW.cpu_mem_bytes, 1 << 20, 3 << 20])))
     layers = [draw(layer_plans(fused_ok=accum == 1)) for _ in range(model.n_layers + 2)]
-    # Tight budgets (a few MiB above the CUDA context reserve) exercise memory waits and stalls.
+    # Tight budgets (a few MiB above the CUDA context reserve) exercise memory waits and stalls; a
+    # prefetch depth of 9 reaches back past the whole previous step of a small model.
     gpu_mem = draw(st.sampled_from([None, CUDA_CONTEXT_BYTES + (1 << 20), CUDA_CONTEXT_BYTES + (6 << 20)]))
     plan = Plan(model=model.name, hardware=hw.name, train=train, layers=layers,
-                globals=PlanGlobals(prefetch_depth=draw(st.integers(0, 3)), gpu_mem_bytes=gpu_mem,
+                globals=PlanGlobals(prefetch_depth=draw(st.sampled_from([0, 1, 2, 3, 9])), gpu_mem_bytes=gpu_mem,
                                     activation_slices=draw(st.sampled_from(
                                         [d for d in (1, 2, 3, 4) if train.batch % d == 0]))))
     return model, train, hw, plan, draw(st.integers(1, 3))

@@ -30,6 +30,7 @@ Memory model (bytes per layer from workload.layer_costs):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 
 from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile
@@ -122,18 +123,23 @@ class TaskGraph:
             free[tier][t] += b
         self.free = tuple(f * k for f in free)
         step = self.succ
+        flat = list(chain.from_iterable(step))                 # the step's edges, by source
         npred = [0] * m
-        for vs in step:
-            for v in vs:
-                npred[v] += 1
+        for v in flat:
+            npred[v] += 1
         npred = self.npred = npred * k
-        # Later steps' successor lists map the step's ids through one shared int per task (adding
-        # the offset would make a new int object per edge).
+        # Later steps' successor lists: the step's edges, mapped to that step's ids
+        # through one shared int per task (adding the offset would make an int object per edge) and
+        # cut back into one list per task, all in C-level map and slice (a comprehension per task
+        # cost as much as the rest of finish).
         ids = list(range(k * m))
+        ends = list(accumulate(map(len, step)))
+        cuts = list(map(slice, [0, *ends[:-1]], ends))        # where each task's edges lie in flat
         succ = self.succ = list(step)
         for off in range(m, k * m, m):
-            to = ids[off:off + m].__getitem__
-            succ += [list(map(to, vs)) for vs in step]
+            shifted = list(map(ids[off:off + m].__getitem__, flat))
+            succ += map(shifted.__getitem__, cuts)
+        # Edges from the previous step, `back` steps back once the placeholder chain is followed.
         pairs = iter(self._from_previous)
         for u, v in zip(pairs, pairs):
             back = 0

@@ -98,15 +98,16 @@ def run(g: TaskGraph) -> EngineRun:
         look = dirty | waiting
         if look:
             dirty = waiting = 0
-            cand = []                                # (most urgent ready task, pool)
+            cand = []                                # the most urgent ready task of each pool
             for p in pools_in[look]:                 # a loop, not a comprehension: that would make
                 q = ready[p]                         # ready and slots closure cells, slower to read
                 if q and slots[p]:
-                    cand.append((q[0], p))
+                    cand.append(q[0])
             heapify(cand)
             blocked = 0                              # bit per tier: an earlier task waits for memory there
             while cand:
-                t, p = heappop(cand)
+                t = heappop(cand)
+                p = pool[t]
                 a1 = ag[t]; a2 = ac[t]; a3 = asd[t]
                 if a1 or a2 or a3:
                     fail = 0
@@ -152,7 +153,7 @@ def run(g: TaskGraph) -> EngineRun:
                 else:
                     heappush(events, (now + dur[t], t))
                 if q and slots[p]:
-                    heappush(cand, (q[0], p))
+                    heappush(cand, q[0])
         if cont:
             if mask != busy_set or fresh:
                 busy_set, fresh = mask, False
