@@ -64,6 +64,7 @@ def run(g: TaskGraph) -> EngineRun:
     # changed since the last one (a slot came free, a task became ready) and those whose most
     # urgent task waits for memory: every other pool has no free slot or nothing ready, as it had
     # at the end of the last round, so the round starts what a scan of every pool would.
+    bit = [1 << p for p in range(npools)]
     pools_in = [tuple(p for p in range(npools) if m >> p & 1) for m in range(1 << npools)]
     ready: list[list[int]] = [[] for _ in range(npools)]
     for t in compress(range(n), map(not_, npred)):
@@ -180,7 +181,7 @@ def run(g: TaskGraph) -> EngineRun:
             end[t] = now
             p = pool[t]
             slots[p] += 1
-            dirty |= 1 << p
+            dirty |= bit[p]
             if cont:
                 due[t] = -2.0
                 r = res_of[t]
@@ -204,7 +205,7 @@ def run(g: TaskGraph) -> EngineRun:
                 if not k:
                     p = pool[s]
                     heappush(ready[p], s)
-                    dirty |= 1 << p
+                    dirty |= bit[p]
             if cont:
                 while events and due[events[0][1]] != events[0][0]:
                     heappop(events)
