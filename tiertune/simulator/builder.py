@@ -116,7 +116,9 @@ class TaskGraph:
         (self.kind, self.tag, self.layer, self.micro, self.resource, self.duration, self.nbytes, self.flops,
          *alloc) = (rows[j::w] * k for j in range(w))
         self.alloc = tuple(alloc)
-        self.iteration = [it for it in range(k) for _ in range(m)]
+        self.iteration = []
+        for it in range(k):
+            self.iteration += [it] * m
         free = ([0] * m, [0] * m, [0] * m)
         frees = iter(self._frees)
         for t, tier, b in zip(frees, frees, frees):
