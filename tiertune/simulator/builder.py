@@ -11,8 +11,8 @@ than the whole engine run, and the planner calls `simulate` many times. `TaskGra
 gives the same graph as a DiGraph for analysis (critical path, tests).
 
 Every training step issues the same tasks in the same order, so `build` generates one step and
-`TaskGraph.finish` lays it down once per iteration, offsetting ids (a third of the time of
-generating three steps). What a step waits for from the step before (each layer's last update,
+`TaskGraph.finish` lays it down once per iteration, offsetting ids (copying a step costs a
+fraction of generating it, and the planner simulates thousands of plans). What a step waits for from the step before (each layer's last update,
 the previous step's last compute, the prefetch window reaching back) is named in the generated
 step by a placeholder, a negative id, that `finish` resolves to the task playing that role at the
 end of the step; the first step has none of these edges.
@@ -96,7 +96,7 @@ class TaskGraph:
     def edge(self, u: int | None, v: int) -> None:
         if u is None:
             return
-        if u < 0:
+        if u < 0:                       # a task of the previous step: finish() adds one edge per step
             self._from_previous.extend((u, v))
             return
         assert u < v, "task ids must stay topologically ordered"
@@ -130,10 +130,10 @@ class TaskGraph:
         for v in flat:
             npred[v] += 1
         npred = self.npred = npred * k
-        # Later steps' successor lists: the step's edges, mapped to that step's ids
-        # through one shared int per task (adding the offset would make an int object per edge) and
-        # cut back into one list per task, all in C-level map and slice (a comprehension per task
-        # cost as much as the rest of finish).
+        # Later steps' successor lists: the step's edges, mapped to that step's ids through one
+        # shared int per task (adding the offset would make an int object per edge) and cut back
+        # into one list per task, all in C-level map and slice (a comprehension per task cost as
+        # much as the rest of finish).
         ids = list(range(k * m))
         ends = list(accumulate(map(len, step)))
         cuts = list(map(slice, [0, *ends[:-1]], ends))        # where each task's edges lie in flat
