@@ -10,7 +10,7 @@ from tiertune.simulator import simulate
 from tiertune.simulator.builder import build
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import busy_per_step, plan_recipes
-from tiertune.vocab import GPU_TIER, RESOURCES, TIERS
+from tiertune.vocab import CPU_TIER, GPU_TIER, RESOURCES, TIERS
 from test_simulator_properties import cases
 
 
@@ -49,3 +49,7 @@ def test_recipes_add_up_to_the_engines_work_and_floor_its_memory(case):
     for x in rec:
         assert r.peak_bytes["gpu"] >= gpu_home + kept_before + x.working_gpu + x.kept[GPU_TIER]
         kept_before += x.kept[GPU_TIER]
+    # and while a host optimizer steps a layer, host memory holds that step's working bytes too
+    cpu_home = sum(x.home[CPU_TIER] for x in rec)
+    for x in rec:
+        assert r.peak_bytes["cpu"] >= cpu_home + x.host_working

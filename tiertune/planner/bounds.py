@@ -9,8 +9,9 @@ activation_slices the planner searches); for a real plan the lambdas are 0 or 1.
     any resource's work, since contention only slows tasks down and a second backward pass only
     adds work;
   - memory: on the GPU, during layer i's backward the device holds the reserve, every layer's home
-    bytes, what each earlier layer kept for its backward and layer i's working set; host and SSD
-    hold their home bytes. Activations sent to the host are freed on the device once copied, as
+    bytes, what each earlier layer kept for its backward and layer i's working set; host memory
+    holds its home bytes and, while a host optimizer steps layer i, that step's gradient and
+    optimizer state read from the SSDs; the SSDs hold their home bytes. Activations sent to the host are freed on the device once copied, as
     the engine frees them (tests/test_recipe.py checks these floors against the engine's peaks).
 The least such T (GLOP, OR-Tools' LP solver) bounds the engine; plans are reported as a ratio to it.
 """
@@ -28,7 +29,7 @@ from tiertune.planner.cpsat import groups, layer_choices
 from tiertune.planner.local import slice_choices
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import layer_recipe
-from tiertune.vocab import GPU_TIER, LINKS, RESOURCES, TIERS
+from tiertune.vocab import CPU_TIER, GPU_TIER, LINKS, RESOURCES, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
 MIB = float(1 << 20)
@@ -92,6 +93,10 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
     gpu_home = solver.NumVar(0, inf, "gpu_home")
     home_rows[GPU_TIER].SetBounds(0, 0)              # gpu_home = sum of GPU home bytes
     home_rows[GPU_TIER].SetCoefficient(gpu_home, -1.0)
+    host_cap = hw.cpu_mem_bytes / MIB
+    cpu_home = solver.NumVar(0, host_cap, "cpu_home")
+    home_rows[CPU_TIER].SetBounds(0, 0)              # cpu_home = sum of host home bytes
+    home_rows[CPU_TIER].SetCoefficient(cpu_home, -1.0)
     usable = usable_gpu_bytes(hw, budget) / MIB
     prefix = []                                      # kept variables of the layers before
     compute = 0.0
@@ -106,6 +111,8 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
         kept_row.SetCoefficient(kept, -1.0)
         mem_row = solver.Constraint(-inf, usable)   # during layer i's backward
         mem_row.SetCoefficient(gpu_home, 1.0)
+        host_row = solver.Constraint(-inf, host_cap)   # while a host optimizer steps layer i
+        host_row.SetCoefficient(cpu_home, 1.0)
         for v in prefix:
             mem_row.SetCoefficient(v, 1.0)
         for x, rc in zip(lam, recipes):
@@ -122,6 +129,8 @@ def lower_bound(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, gpu_bud
             if rc.kept[GPU_TIER]:
                 kept_row.SetCoefficient(x, rc.kept[GPU_TIER] / MIB)
             mem_row.SetCoefficient(x, (rc.working_gpu + rc.kept[GPU_TIER]) / MIB)
+            if rc.host_working:
+                host_row.SetCoefficient(x, rc.host_working / MIB)
         prefix.append(kept)
         fwd, bwd = recipes[0].steps["forward"], recipes[0].steps["backward"]
         compute += fwd.count * fwd.duration + bwd.count * bwd.duration

@@ -60,7 +60,9 @@ class LayerRecipe:
                 in place, streamed weights, the dY/dX workspace, a gradient bound for the host or a
                 fused update);
       host_grad_held: the gradient a host optimizer finds in host memory at the step's end
-                (`after` updates run only then; `overlap` ones consume it during backward).
+                (`after` updates run only then; `overlap` ones consume it during backward);
+      host_working: what a host optimizer's step holds in host memory beyond home bytes while it
+                runs: the gradient, and the optimizer state read from the SSDs.
     """
 
     steps: dict[str, Step]
@@ -80,6 +82,7 @@ class LayerRecipe:
     kept: tuple[int, int, int]
     working_gpu: int
     host_grad_held: int
+    host_working: int
 
     def get(self, name: str) -> Step | None:
         return self.steps.get(name)
@@ -254,10 +257,12 @@ def _recipe(cm: CostModel, i: int, lp: LayerPlan, n_passes: int, host_ckpt: bool
     if lp.activations in ("keep",) or (lp.activations == "recompute" and not host_ckpt):
         working -= kept[GPU_TIER] // slices         # already counted as kept
     host_grad_held = sent_bytes if lp.optimizer != "gpu" and lp.update == "after" else 0
+    host_working = 0 if lp.optimizer == "gpu" else sent_bytes + (opt_bytes if lp.optimizer == "ssd" else 0)
     return LayerRecipe(steps=steps, weight_bytes=wb, act_bytes=act, ckpt_bytes=ckpt, grad_bytes=grad,
                        opt_bytes=opt_bytes, sent_bytes=sent_bytes, sent_params=sent_params, workspace=workspace,
                        slices=slices, act_slice_bytes=act_s, ckpt_slice_bytes=ckpt_s, workspace_slice=ws_s,
-                       home=tuple(home), kept=tuple(kept), working_gpu=working, host_grad_held=host_grad_held)
+                       home=tuple(home), kept=tuple(kept), working_gpu=working, host_grad_held=host_grad_held,
+                       host_working=host_working)
 
 
 def plan_recipes(cm: CostModel, plan) -> list[LayerRecipe]:
