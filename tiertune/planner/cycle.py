@@ -363,8 +363,8 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
     With a seed the model is solved by large-neighbourhood search: the seed's period first
     (`CycleModel.evaluate`: the same rules as longest paths), then repeatedly a model whose layers
     are pinned to the incumbent but for a window of 3 to `window` consecutive layers (and two
-    random ones) or free in one field on every layer (half the time each), hinted with the incumbent's full solution, keeping what lowers T, until 2n
-    windows in a row find nothing. On 42 layers x 72 choices the whole model, hinted, did not move
+    random ones), or free in one field on every layer (half the time each), hinted with the
+    incumbent's full solution, keeping what lowers T, until 2n windows in a row find nothing. On 42 layers x 72 choices the whole model, hinted, did not move
     in 10 s in our trials, while an 8-layer window solved to optimality in 0.01 s of CP-SAT's
     deterministic time. Each window builds its own model, with one option for a pinned layer:
     building the whole model took 2.7 s on gpt3-175b (98 layers x 72 options) and every window
