@@ -37,10 +37,10 @@ Known misses, and why (see the closing note of issue 14 for the figures):
     no published measurement of Fuyou's box accounts for it, and we did not fit one.
   - ZeRO-Infinity 13B (45 TFLOPS): host memory holds 13B's state, so our ZeRO-Infinity is
     compute-bound like Fuyou; DeepSpeed's own NVMe/offload inefficiencies are not modelled.
-  - Fuyou 175B batch 32 "OOM": it holds as many tokens as the CLI's batch 16 x 2048 and fits in
-    our accounting (22 GiB); 13B at batch 128 (1.7x the activations per layer) runs in the paper,
-    so the OOM is not explained by activations; host pinned buffers or allocator fragmentation
-    are not modelled.
+  - Fuyou 175B batch 32 "OOM" (seq 1024) is reproduced by LoHan's gradient hook, which copies
+    each gradient and takes its norm in fp64 chunks on the device (TrainSpec.grad_copy_fp64_norm,
+    3.2 GB beside a 175B block's backward); batch 16 trains (19.2 GiB). The same holds at the CLI's
+    seq 2048: batch 16 x 2048 (the tokens of the paper's batch 32) does not fit, batch 8 does.
 
 Where the paper leaves a setting open we say what we assumed (column `assumed`). Constants come
 from the presets (tiertune/presets/hardware/*.toml), each citing a measurement or a vendor spec;

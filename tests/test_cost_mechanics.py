@@ -143,18 +143,37 @@ def test_checkpointing_each_half_of_a_block_keeps_two_inputs_and_recomputes_one_
 
 
 def test_fuyou_trains_gpt3_175b_at_batch_16_and_not_32_on_its_4090():
-    # Fuyou Fig. 7b: 175B trains at batch 16 on the 24 GB RTX 4090 and runs out of memory at 32.
-    # Whole-block recompute holds 12.8 GiB of one block's activations at batch 16 x 2048 and does
-    # not fit; Fuyou's half-block checkpoints hold at most 8.6 GiB.
+    # Fuyou Fig. 7b (seq 1024, LoHan's main.py): 175B trains at batch 16 on the 24 GB RTX 4090 and
+    # runs out of memory at 32, with its half-block checkpoints in host memory. At batch 32 the
+    # gradient hook's copy and fp64 norm chunk (3.2 GB beside the backward) are what no longer
+    # fit: without them batch 32 would (22.0 GiB).
     m, hw = load_model("gpt3-175b"), load_hardware("fuyou-4090-12ssd")
-    train = TrainSpec(batch=16, seq_len=2048)
+    train = TrainSpec(batch=16, seq_len=1024, dtype="fp16", chunked_loss=True)
     plan = make_policy("fuyou", m, train, hw)
-    assert plan.train.checkpoint_halves and plan.globals.cpu_checkpointing
+    assert plan.train.checkpoint_halves and plan.globals.cpu_checkpointing and plan.train.grad_copy_fp64_norm
     assert simulate(m, plan.train, hw, plan, iterations=1).fits
-    whole = plan.replace(train=plan.train.replace(checkpoint_halves=False))
-    assert not simulate(m, whole.train, hw, whole, iterations=1).fits
     b32 = make_policy("fuyou", m, train.replace(batch=32), hw)
     assert not simulate(m, b32.train, hw, b32, iterations=1).fits
+    no_hook = b32.replace(train=b32.train.replace(grad_copy_fp64_norm=False))
+    assert simulate(m, no_hook.train, hw, no_hook, iterations=1).fits
+
+
+def test_lohans_gradient_hook_holds_a_copy_and_an_fp64_norm_chunk_beside_the_backward():
+    # RC4ML/LoHan ratel_optimizer.py partition_grads: each gradient is copied (grad_buffer) and its
+    # norm taken as part.double() over chunks of 250M elements. GPT-3 175B's largest matrix is the
+    # MLP's 12288 x 49152 = 603,979,776 elements: a 1.21 GB fp16 copy and a 2 GB fp64 chunk.
+    # GPT-3 13B's (5120 x 20480 = 104,857,600) fits one chunk: 2 + 8 bytes per element.
+    from tiertune.simulator.recipe import workspace_bytes
+
+    hw = load_hardware("fuyou-4090-12ssd")
+    for name, n in (("gpt3-175b", 12288 * 49152), ("gpt3-13b", 5120 * 20480)):
+        m = load_model(name)
+        t = TrainSpec(batch=16, seq_len=1024, dtype="fp16")
+        plain = workspace_bytes(CostModel(m, t, hw))
+        hooked = workspace_bytes(CostModel(m, t.replace(grad_copy_fp64_norm=True), hw))
+        assert hooked - plain == 2 * n + 8 * min(n, 250_000_000)
+    assert 2 * 12288 * 49152 + 8 * 250_000_000 == 3_207_959_552
+    assert 2 * 5120 * 20480 + 8 * 5120 * 20480 == 1_048_576_000
 
 
 def test_activation_slices_let_a_layer_whose_activations_do_not_fit_run_slice_by_slice():

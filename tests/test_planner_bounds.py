@@ -63,7 +63,9 @@ def test_no_simulated_plan_beats_the_bound(case):
 
 
 def test_no_baseline_beats_the_bound_and_the_bound_is_finite_where_one_fits():
-    for model_name, hw_name, batch in (("gpt3-175b", "fuyou-4090-12ssd", 16), ("llama2-7b", "lsp-a1000-laptop", 4),
+    # gpt3-175b at batch 8 x seq 2048: the tokens of Fuyou's batch 16 x 1024 (its Fig. 7b trains it;
+    # batch 16 x 2048 holds the tokens of its batch 32, which runs out of memory)
+    for model_name, hw_name, batch in (("gpt3-175b", "fuyou-4090-12ssd", 8), ("llama2-7b", "lsp-a1000-laptop", 4),
                                        ("gpt3-13b", "fuyou-4090-12ssd", 8), ("llama2-7b", "lsp-4090", 32)):
         model = load_model(model_name)
         hw = load_hardware(hw_name)

@@ -18,6 +18,9 @@ OPTIMIZERS = ("adamw", "sgd", "adalomo")
 # Tokens per chunk of a chunked cross-entropy (TrainSpec.chunked_loss): the logits of this many
 # tokens are alive at once. Our choice, not a measurement: only this transient depends on it.
 LOSS_CHUNK_TOKENS = 1024
+# Elements per fp64 chunk of the gradient norm LoHan (Fuyou's released code) takes in its gradient
+# hook: RC4ML/LoHan ratel_optimizer.py, _constant_buffered_norm2(buffer_size=250000000).
+FP64_NORM_CHUNK = 250_000_000
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ class TrainSpec:
     # LoHan's gpt_model.py wraps each half in its own torch.utils.checkpoint). It keeps two inputs
     # per block instead of one, and its backward holds one half's activations at a time.
     checkpoint_halves: bool = False
+    # True: the gradient hook copies each gradient into a new device buffer and takes its norm in
+    # fp64 chunks before the gradient leaves for the host optimizer (Fuyou: LoHan's
+    # ratel_optimizer.py partition_grads, `grad_buffer = torch.empty_like(...)` then
+    # `_constant_buffered_norm2`, `part.data.double()` per FP64_NORM_CHUNK elements): a layer's
+    # backward also holds `grad_hook_bytes` on the device.
+    grad_copy_fp64_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -129,7 +138,8 @@ class TrainSpec:
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
                                  or not 0 < clip < float("inf")):
             raise InputError(f"train.grad_clip must be a positive number or null, got {clip!r}")
-        for f in ("flash_attention", "master_weights", "chunked_loss", "fp32_host_grads", "checkpoint_halves"):
+        for f in ("flash_attention", "master_weights", "chunked_loss", "fp32_host_grads", "checkpoint_halves",
+                  "grad_copy_fp64_norm"):
             if not isinstance(getattr(self, f), bool):
                 raise InputError(f"train.{f} must be true or false, got {getattr(self, f)!r}")
 
@@ -275,6 +285,16 @@ def layer_costs(m: ModelSpec, t: TrainSpec) -> list[LayerCost]:
     out.append(cost(m.n_layers + 1, "head", "head", m.head_params(), head_act, e * s * b * h,
                     2.0 * tokens * m.vocab_size * m.hidden, head_mats))
     return out
+
+
+def grad_hook_bytes(m: ModelSpec, t: TrainSpec) -> int:
+    """Device bytes the gradient hook holds beside a layer's backward (TrainSpec.grad_copy_fp64_norm):
+    for the block's largest matrix of n elements, its gradient's copy (n x dtype bytes) and one fp64
+    chunk of its norm (8 x min(n, FP64_NORM_CHUNK)); the hook handles one gradient at a time."""
+    if not t.grad_copy_fp64_norm:
+        return 0
+    n = max(o * i for o, i in m.block_matrices())
+    return n * t.elem_bytes + 8 * min(n, FP64_NORM_CHUNK)
 
 
 def model_flops_per_step(m: ModelSpec, t: TrainSpec) -> float:

@@ -149,7 +149,13 @@ def fuyou(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     has room to bring them back; swapped activations fill host memory first and overflow to the
     SSD; the rest are recomputed, their checkpoints in host memory and each block checkpointed at
     its attention and MLP halves when the device cannot hold whole-block checkpoints.
+
+    Device memory: the released gradient hook (RC4ML/LoHan ratel_optimizer.py, partition_grads)
+    copies each gradient and takes its norm in fp64 chunks on the device (grad_copy_fp64_norm); at
+    175B that holds 3.2 GB beside a block's backward, which is why batch 32 (seq 1024) runs out of
+    memory in Fuyou's Fig. 7b while batch 16 trains.
     """
+    train = train.replace(grad_copy_fp64_norm=True)
     cm = cost_model(model, train, hw)
     base = LayerPlan(params="ssd", optimizer="ssd", update="overlap", activations="recompute")
     n = model.n_layers + 2

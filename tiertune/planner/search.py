@@ -316,10 +316,12 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         # plan in that baseline's settings, with its host checkpoints, and say so.
         for b in sorted(base, key=lambda b: b.iteration_s):
             if b.fits and b.name != "ideal" and _mechanics_only(b.plan.train, train) and b.plan.lossless:
-                res = plan_schedule(model, b.plan.train, hw, time_limit_s - (time.perf_counter() - t0), grad_ranks,
+                # LoHan's gradient-hook copies are its code's cost, not a setting our plans need
+                theirs = b.plan.train.replace(grad_copy_fp64_norm=train.grad_copy_fp64_norm)
+                res = plan_schedule(model, theirs, hw, time_limit_s - (time.perf_counter() - t0), grad_ranks,
                                     base, choices, max_compression_error, log, b.plan.globals.cpu_checkpointing)
                 res.notes.insert(0, f"nothing fits the given settings; planned with {b.name}'s "
-                                    f"{_mechanics_diff(b.plan.train, train)} (simulated; the executor does not run them)")
+                                    f"{_mechanics_diff(theirs, train)} (simulated; the executor does not run them)")
                 return res
     template = Plan(model=model.name, hardware=hw.name, train=train, layers=(LayerPlan(),) * len(cm.layers),
                     globals=PlanGlobals(prefetch_depth=1, max_compression_error=max_compression_error,
@@ -502,7 +504,7 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
 
 
 # TrainSpec fields that change how a step runs, not what it computes
-MECHANICS = ("chunked_loss", "checkpoint_halves")
+MECHANICS = ("chunked_loss", "checkpoint_halves", "grad_copy_fp64_norm")
 
 
 def _mechanics_only(other: TrainSpec, train: TrainSpec) -> bool:

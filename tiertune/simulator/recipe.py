@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from tiertune.schedule import LayerPlan, sliceable
 from tiertune.simulator.costs import CostModel
 from tiertune.vocab import CPU, CPU_TIER, D2H, GPU, GPU_TIER, H2D, RESOURCES, SSD_READ, SSD_TIER, SSD_WRITE, TIERS
+from tiertune.workload import grad_hook_bytes
 
 PHASES = ("forward", "backward", "update")
 # Each step as the trace names its task: (kind, what it moves), for the profile's measured fixed
@@ -112,9 +113,10 @@ class LayerRecipe:
 
 
 def workspace_bytes(cm: CostModel) -> int:
-    """dY in, dX out of one layer's backward: transient device workspace."""
+    """dY in, dX out of one layer's backward, and what the gradient hook holds beside it
+    (workload.grad_hook_bytes): transient device workspace."""
     t = cm.train
-    return 2 * t.elem_bytes * t.seq_len * t.batch * cm.model.hidden
+    return 2 * t.elem_bytes * t.seq_len * t.batch * cm.model.hidden + grad_hook_bytes(cm.model, t)
 
 
 def passes(train, layers) -> int:
