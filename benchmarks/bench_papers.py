@@ -26,17 +26,30 @@ is_swap_and_recompute 0, and gpt_model.py then wraps each half-block in torch's 
 passes per block are really run: the count matches the work done). That is within reach of the
 card: public torch.matmul fp16 runs on an RTX 4090 reach 155-168 TFLOPS for n >= 2048 (boost
 clocks above the spec's), and the 4090 presets carry that measured curve (0.94-0.96 of the spec
-peak for large matmuls). LSP-Offload
-rows are seconds per iteration or ratios, which need no convention.
+peak for large matmuls). LSP-Offload rows are seconds per iteration or ratios, which need no
+convention.
 
 Known misses, and why (see the closing note of issue 14 for the figures):
-  - Fuyou 13B/175B at batch 8-16: the paper's times have a floor (13B: about 15 s + 76 s / SSDs,
-    from Fig. 10b) that does not shrink with the SSD count; our I/O (SSD bytes at count x spec)
-    has none. LoHan's code does its optimizer-state reads and writes synchronously in the backward
-    hooks, but Fig. 10b shows compute hidden behind that I/O, so the floor is not serialisation;
-    no published measurement of Fuyou's box accounts for it, and we did not fit one.
+  - Fuyou 13B/175B at batch 8-16 (1.5-2.0x too fast) and Fig. 10b at 2-6 SSDs (up to 1.19x): the
+    paper's I/O-bound times follow T(k) = a + b / k over k SSDs (13B: a ~ 13.5 s, b ~ 77 s, from
+    Fig. 10b's batch-32 column and Fig. 5a's batch 8-16 at 12 SSDs). b matches the optimizer's SSD
+    traffic at one D7-P5510's spec (about 30 B per parameter per step: read 16, write 14); a does
+    not shrink with k: the 12-SSD array moves 19-24 GB/s (13B, 175B) where 12 x spec is 78 read /
+    41 write. Nothing published measures Fuyou's RAID0 or host-side I/O path (LoHan runs it from
+    the training thread, 2 AIO threads, synchronous waits per 700M-parameter sub-group), so the
+    preset keeps count x spec and these rows miss; no constant was fitted to them.
   - ZeRO-Infinity 13B (45 TFLOPS): host memory holds 13B's state, so our ZeRO-Infinity is
-    compute-bound like Fuyou; DeepSpeed's own NVMe/offload inefficiencies are not modelled.
+    compute-bound like Fuyou (146). With its state on the SSDs (the "out-of-core" optimizer Fuyou
+    describes) it reaches 67 (batch 8) to 128 (batch 64): the paper's batch is not stated and
+    DeepSpeed's own NVMe inefficiencies are not modelled.
+  - LSP-Offload laptop ratio (3.2 vs 1.9): ZeRO runs at the README's profiling default seq 1024
+    against LSP's 384 and is compute-bound there on the A1000; at equal seq 384 and the
+    PCIe 4.0 x8 spec the ratio would be 2.0, but neither the ZeRO run's seq nor the laptop's link
+    is published, so the row keeps the README's command and the assumed 6 GB/s.
+  - LSP-Offload 6.7B step (ours 0.82x its 1.97 s, so the ZeRO/LSP ratio 1.17x): the step is
+    compute-bound and our compute runs the matmuls at the measured 4090 GEMM rate; what a
+    Hugging Face Llama spends outside them (its unfused norms, rotary and casts) beyond device
+    bandwidth, and LSP's projection kernels beyond our 30%-of-peak assumption, are not measured.
   - Fuyou 175B batch 32 "OOM" (seq 1024) is reproduced by LoHan's gradient hook, which copies
     each gradient and takes its norm in fp64 chunks on the device (TrainSpec.grad_copy_fp64_norm,
     3.2 GB beside a 175B block's backward); batch 16 trains (19.2 GiB). The same holds at the CLI's
