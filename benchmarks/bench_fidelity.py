@@ -27,7 +27,8 @@ cores to them. On a shared 2-core machine, torch's second intra-op thread waits 
     .venv/bin/python benchmarks/bench_fidelity.py --validate tiny-llama small-llama
 
 The second form runs `tiertune validate` with its default profile (calibrate --quick, no trace of
-the plan) for every named policy on each model, and writes fidelity_validate.csv.
+the plan) for every named policy on each model, and writes fidelity_validate.csv (per run) and
+fidelity_validate_kinds.csv (per task kind, summed over the runs).
 
 Writes fidelity.csv, the fitted profile (fidelity_profile.toml) and
 fidelity_predicted_vs_measured.{png,svg} under --out; --traces DIR keeps every measured trace.
@@ -165,7 +166,9 @@ def validate_policies(models: list[str], steps: int, out: Path) -> int:
     """`tiertune validate --model M --policy P --steps N` for every named policy on each model, as a
     user runs it: the default profile (`calibrate --quick` measured at the start of each run, no
     trace of the plan). Prints and writes fidelity_validate.csv: measured and predicted iteration
-    time and the error; a policy the executor cannot run is listed with its reason."""
+    time and the error; a policy the executor cannot run is listed with its reason. Then, summed
+    over every run, measured and predicted seconds per task kind and resource (which kinds the
+    default profile predicts short), into fidelity_validate_kinds.csv."""
     import contextlib
     import io
     import json
@@ -173,13 +176,18 @@ def validate_policies(models: list[str], steps: int, out: Path) -> int:
     from tiertune.cli import main as cli
     from tiertune.planner.policies import POLICIES
 
-    rows = []
+    rows, kinds = [], []
     for model in models:
         for policy in POLICIES:
             stdout, stderr = io.StringIO(), io.StringIO()
             load = os.getloadavg()[0]
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                rc = cli(["validate", "--model", model, "--policy", policy, "--steps", str(steps), "--json"])
+            with tempfile.TemporaryDirectory(prefix="tiertune-validate-") as tmp, \
+                    contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                rc = cli(["validate", "--model", model, "--policy", policy, "--steps", str(steps), "--json",
+                          "--trace-dir", tmp])
+                if rc == 0:
+                    val = compare(Trace.load(Path(tmp) / "measured.json"), Trace.load(Path(tmp) / "predicted.json"))
+                    kinds.append(val.per_kind.assign(model=model, policy=policy))
             row = {"model": model, "policy": policy, "load": load}
             if rc == 0:
                 res = json.loads(stdout.getvalue())
@@ -197,6 +205,13 @@ def validate_policies(models: list[str], steps: int, out: Path) -> int:
     print(f"\ntiertune validate, default profile, {steps} steps: {len(ok)} of {len(df)} runs executed; "
           f"|error| median {ok['error'].abs().median():.1%}, max {ok['error'].abs().max():.1%}, "
           f"{int((ok['error'].abs() <= 0.2).sum())} within 20%; wrote {out / 'fidelity_validate.csv'}")
+    if kinds:
+        per = pd.concat(kinds).groupby(["model", "kind", "resource"])[["measured_s", "predicted_s"]].sum()
+        per["error"] = (per["predicted_s"] - per["measured_s"]) / per["measured_s"]
+        per = per.sort_values("measured_s", ascending=False).reset_index()
+        per.to_csv(out / "fidelity_validate_kinds.csv", index=False)
+        print("\nper task kind, summed over the runs above (seconds per steady iteration):")
+        print(per.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
