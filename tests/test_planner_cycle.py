@@ -39,6 +39,14 @@ def test_evaluate_equals_cp_sat_on_a_pinned_plan():
         plan = [choices[k] for k in pick]
         alone = CycleModel(cm, [[lp] for lp in plan], HW.gpu_mem_bytes * 100, depth=1, unit=model.unit)
         assert alone.evaluate(plan)[0] == period
+        # and evaluate's hint is a solution of the model (the search starts every window from it)
+        _, hint = model.evaluate(plan)
+        hinted = model.m.clone()
+        for var, v in hint:
+            hinted.add_hint(var, v)
+        solver = cp_model.CpSolver()
+        solver.parameters.fix_variables_to_their_hinted_value = True
+        assert solver.solve(hinted) == cp_model.OPTIMAL and solver.objective_value == period
 
 
 def test_the_search_never_returns_worse_than_its_seed_and_tracks_the_engine():

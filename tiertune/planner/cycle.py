@@ -43,8 +43,9 @@ from tiertune.vocab import CPU_TIER, GPU_TIER, LINKS, SSD_TIER, TIERS
 
 
 
-# The LayerPlan fields a search neighbourhood frees on every layer at once, with their values.
-FIELDS = {"params": TIERS, "optimizer": TIERS, "update": UPDATES, "activations": ACTIVATIONS}
+# The LayerPlan fields a search neighbourhood frees on every layer at once, with their values, in
+# the order the search tries them: where the largest state lives first.
+FIELDS = {"optimizer": TIERS, "params": TIERS, "activations": ACTIVATIONS, "update": UPDATES}
 
 # Which (phase, lane) keys of _phase_lanes load each resource.
 LANE_KEYS = {"gpu": ("f_gpu", "b_gpu", "a_gpu", "u_gpu"), "cpu": ("u_cpu", "a_cpu"),
@@ -130,6 +131,7 @@ class CycleModel:
         self.cyclic: list = []         # (ready var, first-use var or 0, layer, (deferred, params on SSD))
         self.lits: list = []           # (bool var, layer, choice indices that make it true)
         self.kept_mib: list = []       # (running-sum var, layer): MiB layers 0..i keep for backward
+        self.kept_host_mib: list = []  # (running-sum var, layer, MiB per option): the same in host memory
         for row in x:
             if len(row) > 1:
                 m.add_exactly_one(row)
@@ -314,6 +316,29 @@ class CycleModel:
             prefix = nxt
         m.add(home_gpu == home[GPU_TIER])
         m.add(home[CPU_TIER] <= hw.cpu_mem_bytes // MIB)
+        # Host memory beyond home bytes: while a host optimizer steps layer i, that step's working
+        # bytes; during layer i's forward, the weights read from the SSDs for it and the `depth`
+        # layers fetched ahead, on their way to the device.
+        staged = [sum(mib(recs[i][k].weight_bytes) * x[i][k] for k, lp in enumerate(choices[i]) if lp.params == "ssd")
+                  for i in range(n)]
+        # Both beside the activations earlier layers sent to host memory for their backward.
+        self.kept_host_const = [[mib(recs[i][k].kept[CPU_TIER]) for k in range(len(choices[i]))] for i in range(n)]
+        kept_host = 0
+        for i in range(n):
+            work_i = sum(mib(recs[i][k].host_working) * x[i][k] for k in range(len(choices[i])) if recs[i][k].host_working)
+            ahead = sum(staged[i:i + depth + 1])
+            for extra_i in (work_i, ahead):
+                if not isinstance(extra_i, int) or extra_i or not isinstance(kept_host, int):
+                    m.add(home[CPU_TIER] + kept_host + extra_i <= hw.cpu_mem_bytes // MIB)
+            sent = sum(mib(recs[i][k].kept[CPU_TIER]) * x[i][k] for k in range(len(choices[i]))
+                       if recs[i][k].kept[CPU_TIER])
+            if not isinstance(sent, int):                  # a running sum, so each row stays short
+                nxt = m.new_int_var(0, hw.cpu_mem_bytes // MIB, f"kept_host{i}")
+                m.add(nxt == kept_host + sent)
+                self.kept_host_mib.append((nxt, i, [mib(recs[i][k].kept[CPU_TIER]) for k in range(len(choices[i]))]))
+                kept_host = nxt
+            else:
+                kept_host += sent
         m.add(home[SSD_TIER] <= hw.ssd_capacity_total_bytes // MIB)
         m.minimize(T)
 
@@ -345,6 +370,11 @@ class CycleModel:
             running += per_choice[choice[i]]
             hint.append((var, running))
         hint.append((self.home_gpu, sum(self.home_gpu_mib[i][choice[i]] for i in range(n))))
+        running, upto = 0, 0
+        for var, i, per_choice in self.kept_host_mib:     # the layers in between are constants
+            running += sum(self.kept_host_const[j][choice[j]] for j in range(upto, i)) + per_choice[choice[i]]
+            upto = i + 1
+            hint.append((var, running))
         return T, hint
 
     def decisions(self, solver: cp_model.CpSolver) -> list[LayerPlan]:
@@ -363,8 +393,9 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
     With a seed the model is solved by large-neighbourhood search: the seed's period first
     (`CycleModel.evaluate`: the same rules as longest paths), then repeatedly a model whose layers
     are pinned to the incumbent but for a window of 3 to `window` consecutive layers (and two
-    random ones), or free in one field on every layer (half the time each), hinted with the
-    incumbent's full solution, keeping what lowers T, until 2n windows in a row find nothing. On 42 layers x 72 choices the whole model, hinted, did not move
+    random ones), or free in one field on every layer (alternately, the fields in turn), hinted
+    with the incumbent's full solution, keeping what lowers T, until 2n windows in a row find
+    nothing. On 42 layers x 72 choices the whole model, hinted, did not move
     in 10 s in our trials, while an 8-layer window solved to optimality in 0.01 s of CP-SAT's
     deterministic time. Each window builds its own model, with one option for a pinned layer:
     building the whole model took 2.7 s on gpt3-175b (98 layers x 72 options) and every window
@@ -398,8 +429,11 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
     # every layer has been free in several windows by 2n fruitless ones: the time left goes back
     # to the planner's engine-scored stages
     patience, fruitless = 2 * n, 0
+    fields = list(FIELDS)
     while deadline - time.perf_counter() > 0.3 and fruitless < patience:
-        if rng.random() < 0.5:
+        # alternately: one field on every layer (each field in turn), a window of layers
+        window_kind = "field" if extra["neighbourhoods"] % 2 == 0 else "layers"
+        if window_kind == "layers":
             # a window of layers, each free to take any option
             w = rng.randint(min(3, n), min(window, n))    # small windows move one stretch, large ones trade
             start = rng.randrange(0, n - w + 1)
@@ -408,24 +442,32 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         else:
             # every layer, free in one field (where its weights live, its update's timing, ...):
             # the many-layer trades a window of a few layers cannot make
-            name = rng.choice(list(FIELDS))
+            name = fields[extra["neighbourhoods"] // 2 % len(fields)]
             options = [list(dict.fromkeys([lp] + [c for c in (lp.replace(**{name: v}) for v in FIELDS[name])
                                                    if c in allowed]))
                        for lp in current]
         sub = build(options, unit)
         _, hint = sub.evaluate(current)
-        sub.m.add(sub.T <= best - 1)                  # only a better period is an answer
         for var, v in hint:
             sub.m.add_hint(var, v)
-        s = _solver(min(1.5, deadline - time.perf_counter()))
-        # Asked for any better period and stopped at the first one, without the LP and with one
-        # presolve pass: proving a window's optimum, running its LP and probing took most of a
-        # window's wall time in our trials.
-        s.parameters.stop_after_first_solution = True
+        if window_kind == "layers":
+            # A window of layers: any better period, the first one found, without the LP and with
+            # one presolve pass (proving the window's optimum, its LP and probing took most of a
+            # window's wall time in our trials; asked to optimise from the hint instead, CP-SAT
+            # often returned nothing within the window's time).
+            sub.m.add(sub.T <= best - 1)
+            s = _solver(min(1.5, deadline - time.perf_counter()))
+            s.parameters.stop_after_first_solution = True
+            s.parameters.max_presolve_iterations = 1
+            s.parameters.cp_model_probing_level = 0
+            s.parameters.symmetry_level = 0
+        else:
+            # A field on every layer: optimised from the hint, with full presolve and more time.
+            # On gpt3-175b from Fuyou's plan, freeing the optimizer's tier reached the window's
+            # optimum in 2.1 s (period 10500 -> 7176 units); asked for the first better period
+            # with one presolve pass, it found none in 1.5 s.
+            s = _solver(min(4.0, deadline - time.perf_counter()))
         s.parameters.linearization_level = 0
-        s.parameters.max_presolve_iterations = 1
-        s.parameters.cp_model_probing_level = 0
-        s.parameters.symmetry_level = 0
         tb = time.perf_counter()
         st = _solve(s, sub.m)
         extra["solve_s"] = extra.get("solve_s", 0.0) + time.perf_counter() - tb
