@@ -29,6 +29,7 @@ The engine confirms every answer; the planner keeps it only when the engine agre
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -36,16 +37,17 @@ from ortools.sat.python import cp_model
 
 from tiertune.planner.cpsat import MIB, STATUS, SolverStats, _solve, _solver
 from tiertune.planner.estimate import usable_gpu_bytes
-from tiertune.schedule import ACTIVATIONS, UPDATES, LayerPlan
+from tiertune.schedule import LayerPlan
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import LayerRecipe, layer_recipe
-from tiertune.vocab import CPU_TIER, GPU_TIER, LINKS, SSD_TIER, TIERS
+from tiertune.vocab import CPU_TIER, GPU_TIER, LINKS, SSD_TIER
 
 
 
-# The LayerPlan fields a search neighbourhood frees on every layer at once, with their values, in
-# the order the search tries them: where the largest state lives first.
-FIELDS = {"optimizer": TIERS, "params": TIERS, "activations": ACTIVATIONS, "update": UPDATES}
+# The LayerPlan fields a search neighbourhood frees on every layer at once, in the order the search
+# tries them: where the largest state lives first.
+FIELDS = ("optimizer", "params", "activations", "update")
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerPlan))
 
 # Which (phase, lane) keys of _phase_lanes load each resource.
 LANE_KEYS = {"gpu": ("f_gpu", "b_gpu", "a_gpu", "u_gpu"), "cpu": ("u_cpu", "a_cpu"),
@@ -417,7 +419,6 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
                                                     solver.best_objective_bound * model.unit,
                                                     time.perf_counter() - t0, "cycle", extra)
     choices = list(choices) + [lp for lp in dict.fromkeys(seed) if lp not in choices]
-    allowed = set(choices)
     current = list(seed)
     pinned = build([[lp] for lp in current])
     unit = pinned.unit
@@ -429,7 +430,6 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
     # every layer has been free in several windows by 2n fruitless ones: the time left goes back
     # to the planner's engine-scored stages
     patience, fruitless = 2 * n, 0
-    fields = list(FIELDS)
     while deadline - time.perf_counter() > 0.3 and fruitless < patience:
         # alternately: one field on every layer (each field in turn), a window of layers
         window_kind = "field" if extra["neighbourhoods"] % 2 == 0 else "layers"
@@ -442,9 +442,9 @@ def solve_cycle(cm: CostModel, choices: list[LayerPlan], seed: list[LayerPlan] |
         else:
             # every layer, free in one field (where its weights live, its update's timing, ...):
             # the many-layer trades a window of a few layers cannot make
-            name = fields[extra["neighbourhoods"] // 2 % len(fields)]
-            options = [list(dict.fromkeys([lp] + [c for c in (lp.replace(**{name: v}) for v in FIELDS[name])
-                                                   if c in allowed]))
+            name = FIELDS[extra["neighbourhoods"] // 2 % len(FIELDS)]
+            same = [f for f in LAYER_FIELDS if f != name]
+            options = [[lp] + [c for c in choices if c != lp and all(getattr(c, f) == getattr(lp, f) for f in same)]
                        for lp in current]
         sub = build(options, unit)
         _, hint = sub.evaluate(current)
