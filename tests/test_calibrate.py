@@ -471,3 +471,28 @@ def test_calibrate_and_execute_on_the_cpu_compute_on_the_same_thread_count(tmp_p
     finally:
         torch.set_num_threads(prev)
     assert seen == [threads, threads]
+
+
+def test_a_refit_keeps_only_constants_that_predict_its_own_traces_better():
+    """Least squares can move a constant far on rows it does not explain; such a group is refused
+    when the traces' own iteration times, simulated with it, come out further from the measured
+    ones than without it. Here the traces ran at half the base GPU peak: the group that says so
+    is kept, one that says 38x faster is refused, and the profile keeps its constant."""
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.traces.fit import FitRow, _keep_what_predicts_better
+    from tiertune.workload import TrainSpec, load_model
+
+    m, t = load_model("gpt3-1.3b"), TrainSpec(batch=8, seq_len=1024)
+    base = load_hardware(BASE)
+    peak = base.gpu_flops["bf16"]
+    truth = base.replace(gpu_flops=dict(base.gpu_flops, bf16=peak / 2))
+    traces = [simulate(m, t, truth, make_policy(p, m, t, truth)).trace for p in ("fuyou", "zero-offload")]
+
+    def part(x: float):
+        return {"gpu_flops": dict(base.gpu_flops, bf16=x)}, [FitRow("gpu bf16 peak", "TFLOP/s", peak, x, 10)], {}
+
+    changes, rows = _keep_what_predicts_better(traces, base, [part(peak * 38)])
+    assert "gpu_flops" not in changes and rows[0].after is None and rows[0].note.startswith("refused")
+    changes, rows = _keep_what_predicts_better(traces, base, [part(peak / 2)])
+    assert changes["gpu_flops"]["bf16"] == peak / 2 and rows[0].after == peak / 2

@@ -45,7 +45,8 @@ ones. A group with fewer than `min_events` events is skipped, and the table says
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -584,6 +585,55 @@ def _fit_contention(victim: str, hw: HardwareProfile, sel: pd.DataFrame, d: np.n
 
 
 # --- driver -------------------------------------------------------------------------------------------------
+def _keep_what_predicts_better(traces: list[Trace], base: HardwareProfile,
+                               parts: list[tuple[dict, list[FitRow], dict]]) -> tuple[dict, list[FitRow]]:
+    """Each group of fitted constants is kept only if the traces' own iteration times, simulated
+    with it, come out no further from what was measured than without it. Least squares on task
+    durations can move a constant far on rows it does not explain: in one bench_fidelity run the
+    compute peak was scaled x38 from durations that did not grow with FLOPs, and the refit profile
+    predicted its own traces 62% off where the profile before it was 26% off. Traces whose plan
+    cannot be simulated again (no model or plan in their meta) skip the check."""
+    from tiertune.traces.validate import predict, workload_of      # validate imports the simulator
+
+    contention = {r: dict(row) for r, row in base.contention.items()}
+    try:
+        for t in traces:
+            workload_of(t)
+    except InputError:
+        checked = False
+    else:
+        checked = True
+
+    def error(changes: dict, contention: dict) -> float:
+        profile = base.replace(**changes, contention={r: row for r, row in contention.items() if row})
+        errs = []
+        for t in traces:
+            res = predict(t, profile)
+            if not res.fits:
+                return math.inf
+            errs.append(abs(res.iteration_s / t.iteration_s() - 1))
+        return sum(errs) / len(errs)
+
+    changes: dict = {}
+    rows: list[FitRow] = []
+    now = error(changes, contention) if checked else 0.0
+    for part, part_rows, part_contention in parts:
+        if part and checked:
+            trial = {**contention, **part_contention}
+            err = error({**changes, **part}, trial)
+            if not err <= now:
+                rows += [replace(r, after=None, note=f"refused: the traces' iteration error would go from "
+                                                      f"{now:.1%} to {err:.1%}") if r.after is not None else r
+                         for r in part_rows]
+                continue
+            now = err
+        changes.update(part)
+        contention.update(part_contention)
+        rows += part_rows
+    changes["contention"] = {r: row for r, row in contention.items() if row}
+    return changes, rows
+
+
 def fit_profile(trace: Trace, base: HardwareProfile, dtype: str | None = None, optimizer: str | None = None,
                 min_events: int = MIN_EVENTS, name: str | None = None, where: str = "trace") -> FitResult:
     """Refit `base` from `trace`; raises InputError when no constant could be fitted."""
@@ -606,31 +656,23 @@ def fit_profiles(traces: list[Trace], base: HardwareProfile, dtype: str | None =
     ev = pd.concat([e.assign(params=_update_params(e, cm, _grad_ranks(t))) for e, cm, t in zip(evs, cms, traces)],
                    ignore_index=True)
     compute = [_compute_samples(e, base, dtype, cm) for e, cm in zip(evs, cms)]
-    changes: dict = {}
-    rows: list[FitRow] = []
-    contention = {r: dict(row) for r, row in base.contention.items()}
+    parts: list[tuple[dict, list[FitRow], dict]] = []       # (constants, their rows, contention rows)
     for victim, (part, r, factors) in (("gpu", _fit_compute(compute, base, dtype, min_events)),
                                          ("cpu", _fit_update(ev, base, optimizer, min_events))):
-        changes.update(part)
-        rows += r
-        if part:
-            contention[victim] = factors
+        parts.append((part, r, {victim: factors} if part else {}))
     for link in _links(base):
         part, r = _fit_link(ev, base, link, min_events)
-        changes.update(part)
-        rows += r
+        parts.append((part, r, {}))
     part, r = _fit_duplex(evs, base)
-    changes.update(part)
-    rows += r
-    part, r = _fit_gpu_update(evs, cms, base, changes.get("gpu_task_overhead_s", base.gpu_task_overhead_s),
-                              min_events)
-    changes.update(part)
-    rows += r
-    changes["contention"] = {r: row for r, row in contention.items() if row}
-    fitted = sum(r.after is not None for r in rows)
-    if fitted == 0:
+    parts.append((part, r, {}))
+    overhead = parts[0][0].get("gpu_task_overhead_s", base.gpu_task_overhead_s)
+    part, r = _fit_gpu_update(evs, cms, base, overhead, min_events)
+    parts.append((part, r, {}))
+    if not any(r.after is not None for _, part_rows, _ in parts for r in part_rows):
         raise InputError(f"{where}: no constant could be fitted ({len(ev)} events with a duration; "
                          f"need >= {min_events} per group of compute, copy, SSD or cpu update events)")
+    changes, rows = _keep_what_predicts_better(traces, base, parts)
+    fitted = sum(r.after is not None for r in rows)
     desc = f"{base.name} refit by least squares from {where} ({len(ev)} events, {fitted} constants)"
     profile = base.replace(**changes, name=name or f"{base.name}-fit", source="calibrated",
                            description=desc.replace('"', "").replace("'", "").replace("\\", "/"))
