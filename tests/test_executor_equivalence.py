@@ -134,15 +134,19 @@ def test_lomo_matches_plain_sgd(tmp_path):
     assert_same("tiny-llama", plan, tmp_path)
 
 
+# tiny-gpt2 (4 blocks + embedding + head), a different decision on every layer
+GPT2_MIX = (LayerPlan(params="cpu", optimizer="gpu", activations="ssd"),
+            LayerPlan(params="ssd", optimizer="cpu", update="overlap", activations="cpu"),
+            LayerPlan(params="gpu", optimizer="ssd", update="after", activations="recompute"),
+            LayerPlan(params="cpu", optimizer="cpu", update="after", activations="keep"),
+            LayerPlan(params="ssd", optimizer="gpu", update="overlap", activations="keep"),
+            LayerPlan(params="gpu", optimizer="cpu", update="overlap", activations="ssd"))
+
+
 def test_gpt2_mixed_plan_with_accumulation(tmp_path):
     """GPT-2 family, two micro-batches accumulated, a different decision on every layer."""
     spec = MODEL_PRESETS["tiny-gpt2"]
-    mix = [LayerPlan(params="cpu", optimizer="gpu", activations="ssd"),
-           LayerPlan(params="ssd", optimizer="cpu", update="overlap", activations="cpu"),
-           LayerPlan(params="gpu", optimizer="ssd", update="after", activations="recompute"),
-           LayerPlan(params="cpu", optimizer="cpu", update="after", activations="keep"),
-           LayerPlan(params="ssd", optimizer="gpu", update="overlap", activations="keep"),
-           LayerPlan(params="gpu", optimizer="cpu", update="overlap", activations="ssd")]
+    mix = GPT2_MIX
     assert len(mix) == spec.n_layers + 2
     plan = Plan(model="tiny-gpt2", hardware="local-cpu", train=make_train(accum=2), layers=tuple(mix),
                 globals=PlanGlobals(prefetch_depth=2))

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_executor_equivalence import LR, assert_same, data, plain_loop
+from test_executor_equivalence import GPT2_MIX, LR, assert_same, data, make_train, plain_loop
 from tiertune.errors import InputError
 from tiertune.executor.models import build_model
 from tiertune.executor.runtime import Executor
@@ -29,7 +29,7 @@ N_LAYERS = MODEL_PRESETS["tiny-llama"].n_layers + 2
 
 
 def train(accum=1, optimizer="adamw") -> TrainSpec:
-    return TrainSpec(batch=BATCH, seq_len=16, dtype="fp32", optimizer=optimizer, grad_accum=accum)
+    return make_train(optimizer, accum).replace(batch=BATCH)
 
 
 def plan_of(layers, slices: int, model="tiny-llama", accum=1, optimizer="adamw", depth=1) -> Plan:
@@ -59,12 +59,9 @@ def test_sliced_blocks_train_like_the_plain_loop(activations, slices, tmp_path):
 def test_mixed_plan_with_accumulation_sliced(slices, tmp_path):
     """GPT-2, two micro-batches, keep / cpu / ssd / recompute blocks with after and overlap updates
     on every tier: the sliced blocks accumulate their gradients over slices and micro-batches."""
-    mix = [LayerPlan(params="cpu", optimizer="gpu", activations="ssd"),
-           LayerPlan(params="ssd", optimizer="cpu", update="overlap", activations="cpu"),
-           LayerPlan(params="gpu", optimizer="ssd", update="after", activations="recompute"),
-           LayerPlan(params="cpu", optimizer="cpu", update="after", activations="keep"),
-           LayerPlan(params="ssd", optimizer="gpu", update="overlap", activations="ssd"),
-           LayerPlan(params="gpu", optimizer="cpu", update="overlap", activations="cpu")]
+    mix = list(GPT2_MIX)        # the equivalence test's plan, the last block swapping to the SSDs
+    mix[4] = mix[4].replace(activations="ssd")
+    mix[5] = mix[5].replace(activations="cpu")       # the head runs whole
     plan = plan_of(mix, slices, model="tiny-gpt2", accum=2, optimizer="sgd", depth=2)
     assert [plan.slices(i) for i in range(len(mix))] == [1, slices, slices, 1, slices, 1]
     assert_same("tiny-gpt2", plan, tmp_path)

@@ -11,8 +11,9 @@ activation_slices the planner searches); for a real plan the lambdas are 0 or 1.
   - memory: on the GPU, during layer i's backward the device holds the reserve, every layer's home
     bytes, what each earlier layer kept for its backward and layer i's working set; host memory
     holds its home bytes and, while a host optimizer steps layer i, that step's gradient and
-    optimizer state read from the SSDs; the SSDs hold their home bytes. Activations sent to the host are freed on the device once copied, as
-    the engine frees them (tests/test_recipe.py checks these floors against the engine's peaks).
+    optimizer state read from the SSDs; the SSDs hold their home bytes. Activations sent to the
+    host are freed on the device once copied, as the engine frees them (tests/test_recipe.py
+    checks these floors against the engine's peaks).
 The least such T (GLOP, OR-Tools' LP solver) bounds the engine; plans are reported as a ratio to it.
 """
 

@@ -110,22 +110,21 @@ class CycleModel:
         n = len(cm.layers)
         self.cm, self.choices = cm, choices
         recs = [[layer_recipe(cm, i, lp, 1, host_ckpt, nnz_per_row, slices) for lp in choices[i]] for i in range(n)]
-        lanes_memo: dict = cm.__dict__.setdefault("_phase_lanes_memo", {})   # one search builds many models
-        work = []
-        for i in range(n):
-            row = []
-            for r, lp in zip(recs[i], choices[i]):
-                w = lanes_memo.get((id(r), lp))
-                if w is None:
-                    w = lanes_memo[id(r), lp] = _phase_lanes(r, lp, hw.cpu_workers)
-                row.append(w)
-            work.append(row)
+        memo: dict = cm.__dict__.setdefault("_phase_lanes_memo", {})   # one search builds many models
+
+        def lanes(i: int, r: LayerRecipe, lp: LayerPlan) -> dict[str, float]:
+            key = (i, lp, host_ckpt, nnz_per_row, slices)        # the recipe's own memo key
+            if key not in memo:
+                memo[key] = _phase_lanes(r, lp, hw.cpu_workers)
+            return memo[key]
+        work = [[lanes(i, r, lp) for r, lp in zip(recs[i], choices[i])] for i in range(n)]
         worst = sum(max(sum(w.values()) for w in work[i]) for i in range(n))
         self.unit = unit = unit or max(worst, 1e-9) / 20000
         H = int(worst / unit) * 2 + 10
         m = self.m = cp_model.CpModel()
         # a pinned layer's one option is the constant 1
-        x = self.x = [[m.new_bool_var(f"x{i}_{k}") for k in range(len(c))] if len(c) > 1 else [1] for i, c in enumerate(choices)]
+        x = self.x = [[m.new_bool_var(f"x{i}_{k}") for k in range(len(c))] if len(c) > 1 else [1]
+                      for i, c in enumerate(choices)]
         # durations in model units, per layer, choice and key: the one rounding both the model and
         # `evaluate` use
         self.units = [[{key: int(round(v / unit)) for key, v in w.items()} for w in work[i]] for i in range(n)]
@@ -133,7 +132,7 @@ class CycleModel:
         self.cyclic: list = []         # (ready var, first-use var or 0, layer, (deferred, params on SSD))
         self.lits: list = []           # (bool var, layer, choice indices that make it true)
         self.kept_mib: list = []       # (running-sum var, layer): MiB layers 0..i keep for backward
-        self.kept_host_mib: list = []  # (running-sum var, layer, MiB per option): the same in host memory
+        self.kept_host_mib: list = []  # the same for what layers 0..i send to host memory
         for row in x:
             if len(row) > 1:
                 m.add_exactly_one(row)
@@ -318,29 +317,21 @@ class CycleModel:
             prefix = nxt
         m.add(home_gpu == home[GPU_TIER])
         m.add(home[CPU_TIER] <= hw.cpu_mem_bytes // MIB)
-        # Host memory beyond home bytes: while a host optimizer steps layer i, that step's working
-        # bytes; during layer i's forward, the weights read from the SSDs for it and the `depth`
-        # layers fetched ahead, on their way to the device.
-        staged = [sum(mib(recs[i][k].weight_bytes) * x[i][k] for k, lp in enumerate(choices[i]) if lp.params == "ssd")
-                  for i in range(n)]
-        # Both beside the activations earlier layers sent to host memory for their backward.
-        self.kept_host_const = [[mib(recs[i][k].kept[CPU_TIER]) for k in range(len(choices[i]))] for i in range(n)]
-        kept_host = 0
+        # Host memory beyond home bytes, beside what earlier layers sent there for their backward:
+        # while a host optimizer steps layer i, that step's working bytes; during layer i's forward,
+        # the weights read from the SSDs for it and the `depth` layers fetched ahead.
+        def per_option(i: int, nbytes, when=lambda lp: True):
+            return sum(mib(nbytes(recs[i][k])) * x[i][k] for k, lp in enumerate(choices[i]) if when(lp))
+        staged = [per_option(i, lambda r: r.weight_bytes, lambda lp: lp.params == "ssd") for i in range(n)]
+        host_cap = hw.cpu_mem_bytes // MIB
+        sent_before = 0
         for i in range(n):
-            work_i = sum(mib(recs[i][k].host_working) * x[i][k] for k in range(len(choices[i])) if recs[i][k].host_working)
-            ahead = sum(staged[i:i + depth + 1])
-            for extra_i in (work_i, ahead):
-                if not isinstance(extra_i, int) or extra_i or not isinstance(kept_host, int):
-                    m.add(home[CPU_TIER] + kept_host + extra_i <= hw.cpu_mem_bytes // MIB)
-            sent = sum(mib(recs[i][k].kept[CPU_TIER]) * x[i][k] for k in range(len(choices[i]))
-                       if recs[i][k].kept[CPU_TIER])
-            if not isinstance(sent, int):                  # a running sum, so each row stays short
-                nxt = m.new_int_var(0, hw.cpu_mem_bytes // MIB, f"kept_host{i}")
-                m.add(nxt == kept_host + sent)
-                self.kept_host_mib.append((nxt, i, [mib(recs[i][k].kept[CPU_TIER]) for k in range(len(choices[i]))]))
-                kept_host = nxt
-            else:
-                kept_host += sent
+            for extra in (per_option(i, lambda r: r.host_working), sum(staged[i:i + depth + 1])):
+                m.add(home[CPU_TIER] + sent_before + extra <= host_cap)
+            nxt = m.new_int_var(0, host_cap, f"sent{i}")      # a running sum keeps each row short
+            m.add(nxt == sent_before + per_option(i, lambda r: r.kept[CPU_TIER]))
+            self.kept_host_mib.append((nxt, [mib(recs[i][k].kept[CPU_TIER]) for k in range(len(choices[i]))]))
+            sent_before = nxt
         m.add(home[SSD_TIER] <= hw.ssd_capacity_total_bytes // MIB)
         m.minimize(T)
 
@@ -367,16 +358,12 @@ class CycleModel:
         hint += [(v, val[v.index]) for v, *_ in self.rules]
         hint.append((self.T, T))
         hint += [(b, int(choice[i] in ks)) for b, i, ks in self.lits]
-        running = 0
-        for i, (var, per_choice) in enumerate(self.kept_mib):
-            running += per_choice[choice[i]]
-            hint.append((var, running))
         hint.append((self.home_gpu, sum(self.home_gpu_mib[i][choice[i]] for i in range(n))))
-        running, upto = 0, 0
-        for var, i, per_choice in self.kept_host_mib:     # the layers in between are constants
-            running += sum(self.kept_host_const[j][choice[j]] for j in range(upto, i)) + per_choice[choice[i]]
-            upto = i + 1
-            hint.append((var, running))
+        for kept in (self.kept_mib, self.kept_host_mib):
+            running = 0
+            for i, (var, per_choice) in enumerate(kept):
+                running += per_choice[choice[i]]
+                hint.append((var, running))
         return T, hint
 
     def decisions(self, solver: cp_model.CpSolver) -> list[LayerPlan]:

@@ -163,7 +163,7 @@ def fuyou(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
     if overflow(cm, plan) is not None:
         # The released code (RC4ML/LoHan gpt_model.py) checkpoints the attention and the MLP half of
         # each block separately and keeps the checkpoints in host memory (save_on_cpu); we do both
-        # when the device cannot hold the checkpoints (the executor runs host checkpoints, not half-block ones).
+        # when the device cannot hold the checkpoints (the executor runs host checkpoints, not halves).
         train = train.replace(checkpoint_halves=True)
         cm = cost_model(model, train, hw)
         plan = _uniform(model, train, hw, base, "fuyou", cpu_checkpointing=True)
