@@ -323,3 +323,18 @@ def test_number_type_accepts_exactly_finite_numbers_in_range():
     for bad in ("0", "11", "2.5", "nan", "true", ""):
         with pytest.raises(Exception):
             count(bad)
+
+
+def test_a_simulation_too_large_to_build_is_one_clear_error():
+    # a million micro-batches per step (a sweep spec accepts grad_accum up to 10**9) would build a
+    # graph of tens of millions of tasks: a test worker was killed holding 22 GB
+    from tiertune.errors import InputError
+    from tiertune.hardware import load_hardware
+    from tiertune.planner.policies import make_policy
+    from tiertune.simulator import simulate
+    from tiertune.workload import TrainSpec, load_model
+
+    model, hw = load_model("tiny-llama"), load_hardware("lsp-4090")
+    train = TrainSpec(batch=1, seq_len=8, grad_accum=10**6)
+    with pytest.raises(InputError, match=r"is up to [\d,]+ tasks; at most 10,000,000"):
+        simulate(model, train, hw, make_policy("zero-offload", model, train, hw))

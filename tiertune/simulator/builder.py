@@ -34,6 +34,7 @@ from itertools import accumulate, chain
 
 from tiertune.errors import InputError
 from tiertune.hardware import HardwareProfile
+from tiertune.limits import MAX_SIM_TASKS
 from tiertune.schedule import Plan
 from tiertune.simulator.costs import CostModel
 from tiertune.simulator.recipe import keeps_last_weights, passes as recipe_passes, plan_recipes
@@ -212,6 +213,14 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     accum = train.grad_accum
     # Every duration and byte count comes from the layers' recipes; this function adds the order.
     rec = plan_recipes(cm, plan)
+    # a graph is a few hundred bytes a task: 10**8 tasks would take tens of GB before any answer
+    # (a layer runs at most ~16 tasks per micro-batch, pass and slice; checked in O(1), every
+    # planner evaluation passes here)
+    tasks = 16 * iterations * accum * passes * n * plan.globals.activation_slices
+    if tasks > MAX_SIM_TASKS:
+        raise InputError(f"simulating {iterations} iteration(s) of {accum} micro-batch(es) x {n} layers "
+                         f"x {plan.globals.activation_slices} slice(s) is up to {tasks:,} tasks; at most "
+                         f"{MAX_SIM_TASKS:,}")
 
     g = TaskGraph(iterations=iterations)
     g.capacity = capacities(hw, plan)
