@@ -1,6 +1,7 @@
 """Mechanics the seeds' systems rely on, each checked against a hand computation: LOMO's missing fp32
 master, a chunked cross-entropy, DeepSpeed's fp32 host gradients and CPU activation checkpoints,
-LSP-Offload's (d, r) chosen per run, Fuyou's half-block checkpoints, and activations moved in slices."""
+LSP-Offload's (d, r) chosen per run, Fuyou's half-block checkpoints, activations moved in slices, and
+a host optimizer step run on the training thread (DeepSpeed's engine.step, LSP-Offload's hooks)."""
 
 import pytest
 
@@ -107,6 +108,7 @@ def test_lsp_projection_size_and_sparsity_are_chosen_per_run():
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", chunked_loss=True)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="bf16", master_weights=False)),
     dict(train=TrainSpec(batch=1, seq_len=16, dtype="fp32", checkpoint_halves=True)),
+    dict(globals=PlanGlobals(host_update_inline=True)),
 ])
 def test_settings_the_executor_does_not_run_are_refused_before_it_starts(change):
     from tiertune.executor.run import train_plan
@@ -225,3 +227,63 @@ def test_rtx_4090_presets_run_large_matmuls_at_the_measured_rate(preset):
     tokens, h, f = 8192, 5120, 20480
     by_hand = 4 * 2 * tokens * h * h / (165.2e12 * 0.96) + 2 * 2 * tokens * h * f / (165.2e12 * 0.94)
     assert sum(cm._matmul_s(2.0 * tokens * o * i) for o, i in cm.layers[1].matrices) == pytest.approx(by_hand)
+
+
+def _inline_plan(update: str, inline: bool, batch: int):
+    m, hw = load_model("tiny-llama"), load_hardware("lsp-4090")       # no contention, no per-task overheads
+    train = TrainSpec(batch=batch, seq_len=512 if batch > 2 else 128)
+    plan = uniform_plan(m.name, hw.name, train, m.n_layers + 2,
+                        LayerPlan(params="gpu", optimizer="cpu", update=update),
+                        PlanGlobals(host_update_inline=inline))
+    from tiertune.simulator.recipe import plan_recipes
+
+    rec = plan_recipes(CostModel(m, train, hw), plan)
+    return m, hw, train, plan, (lambda i, step: rec[i].steps[step].duration), len(rec)
+
+
+def test_an_inline_host_update_in_backward_holds_the_next_layers_backward():
+    # LSP-Offload's para_offload_modules.py runs each module's CPU Adam in the hooks the training
+    # thread calls between modules: layer i's backward, its gradient's copy out and its update run
+    # one after another before layer i-1's backward; the copies home overlap the next backward, and
+    # the next step's first forward waits for the embedding's weights:
+    # T = sum forward + sum (backward + grad + update) + writeback of the embedding.
+    m, hw, train, plan, d, n = _inline_plan("overlap", True, batch=2)
+    hand = (sum(d(i, "forward") for i in range(n))
+            + sum(d(i, "backward") + d(i, "grad") + d(i, "update") for i in range(n)) + d(0, "writeback"))
+    assert simulate(m, train, hw, plan).iteration_s == pytest.approx(hand, rel=1e-9)
+    free = plan.replace(globals=PlanGlobals())
+    assert simulate(m, train, hw, free).iteration_s < 0.8 * hand       # without it the updates overlap
+
+
+def test_an_inline_host_step_after_backward_is_a_barrier_before_the_next_forward():
+    # DeepSpeed's engine.step() between backward and forward: every layer's update and copy home
+    # ends before the next step's first forward. Here each gradient copy (<= 30.5 us) is shorter
+    # than the next backward (>= 136.8 us) except the embedding's after the first block's, each
+    # copy home longer than the next update, so the step is: forwards, backwards down to the first
+    # block, its gradient's copy, the embedding's copy and update, then the copies home one after
+    # another.
+    m, hw, train, plan, d, n = _inline_plan("after", True, batch=16)
+    assert all(d(i, "grad") < d(i - 1, "backward") for i in range(2, n))
+    assert all(d(i, "writeback") >= d(i + 1, "update") for i in range(n - 1))
+    hand = (sum(d(i, "forward") for i in range(n)) + sum(d(i, "backward") for i in range(1, n))
+            + d(1, "grad") + d(0, "grad") + d(0, "update") + sum(d(i, "writeback") for i in range(n)))
+    res = simulate(m, train, hw, plan)
+    assert res.iteration_s == pytest.approx(hand, rel=1e-9)
+    ev = res.trace.events
+    first_fwd = ev[(ev.iteration == 2) & (ev.kind == "forward")].start_s.min()
+    assert first_fwd >= ev[(ev.iteration == 1) & (ev.kind == "writeback")].end_s.max()
+    assert simulate(m, train, hw, plan.replace(globals=PlanGlobals())).iteration_s < res.iteration_s
+
+
+def test_policies_run_the_host_step_inline_only_when_asked():
+    m, hw = load_model("gpt3-1.3b"), load_hardware("lsp-4090")
+    train = TrainSpec(batch=2, seq_len=512)
+    for name in ("zero-offload", "zero-infinity", "lsp-offload"):
+        assert not make_policy(name, m, train, hw).globals.host_update_inline
+        assert make_policy(name, m, train, hw, host_update_inline=True).globals.host_update_inline
+        with pytest.raises(InputError, match="host_update_inline must be true or false"):
+            make_policy(name, m, train, hw, host_update_inline="yes")
+    with pytest.raises(InputError, match="takes no option"):
+        make_policy("fuyou", m, train, hw, host_update_inline=True)
+    with pytest.raises(InputError, match="global.host_update_inline must be true or false"):
+        PlanGlobals(host_update_inline=1)

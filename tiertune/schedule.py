@@ -95,6 +95,13 @@ class PlanGlobals:
     # overlap the layer's own compute. 1: they move as one block. A `fused` layer (LOMO) updates
     # inside its backward hook and so runs whole; so do the embedding and the head.
     activation_slices: int = 1
+    # The host optimizer's step runs on the training thread, which issues no GPU work meanwhile
+    # (a seed's released training loop, not a choice of ours: DeepSpeed's engine.step() between
+    # backward and the next forward; LSP-Offload's para_offload_modules.py, whose module hooks run
+    # the CPU Adam). An `overlap` update finishes before the next layer's backward starts; `after`
+    # updates all finish, weights home, before the next step's forward. Policies set it only when
+    # asked to reproduce such a loop; the executor runs host updates on its worker either way.
+    host_update_inline: bool = False
 
     def __post_init__(self) -> None:
         for f in ("prefetch_depth", "iterations", "lsp_nnz_per_row", "lsp_check_every", "lsp_fit_samples",
@@ -106,8 +113,9 @@ class PlanGlobals:
             raise InputError(f"global.gpu_mem_bytes must be a positive integer or null, got {self.gpu_mem_bytes!r}")
         if not isinstance(self.lsp_refit_threshold, (int, float)) or self.lsp_refit_threshold <= 0:
             raise InputError(f"global.lsp_refit_threshold must be positive, got {self.lsp_refit_threshold!r}")
-        if not isinstance(self.cpu_checkpointing, bool):
-            raise InputError(f"global.cpu_checkpointing must be true or false, got {self.cpu_checkpointing!r}")
+        for f in ("cpu_checkpointing", "host_update_inline"):
+            if not isinstance(getattr(self, f), bool):
+                raise InputError(f"global.{f} must be true or false, got {getattr(self, f)!r}")
         cap = self.max_compression_error
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap <= 1):
             raise InputError(f"global.max_compression_error must be in (0, 1] or null, got {cap!r}")

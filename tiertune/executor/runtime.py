@@ -140,6 +140,7 @@ class Executor:
             ("train.chunked_loss", plan.train.chunked_loss),
             ("train.checkpoint_halves", plan.train.checkpoint_halves),
             ("train.master_weights false with a 16-bit dtype", not plan.train.master_weights and plan.train.dtype != "fp32"),
+            ("global.host_update_inline", plan.globals.host_update_inline),
         ) if on]
         if unsupported:
             # The cost model can judge these settings; the executor does not run them yet.

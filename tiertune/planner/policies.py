@@ -40,6 +40,12 @@ def _uniform(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, layer: Lay
                         {"policy": name})
 
 
+def _flag(policy_name: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise InputError(f"{policy_name}: {name} must be true or false, got {v!r}")
+    return v
+
+
 def _fits(model: ModelSpec, plan: Plan, hw: HardwareProfile) -> bool:
     return overflow(cost_model(model, plan.train, hw), plan) is None
 
@@ -103,31 +109,37 @@ DEEPSPEED_HOST_BUFFER_FACTOR = 1.5
 
 
 @policy("zero-offload")
-def zero_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+def zero_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, host_update_inline: bool = False) -> Plan:
     """DeepSpeed ZeRO-Offload: fp16 weights on the GPU, gradients and Adam states on the CPU, CPU Adam
     after the whole backward, updated weights copied back (ZeRO-Offload, arXiv 2101.06840, with no delayed parameter update).
     DeepSpeed's accounting: each gradient is cast to fp32 on the device and copied into fp32
-    partitions kept in host memory until the step (16 bytes per parameter on the host with Adam)."""
+    partitions kept in host memory until the step (16 bytes per parameter on the host with Adam).
+
+    `host_update_inline=True`: the step as DeepSpeed's training loop runs it, `engine.step()`
+    between the backward and the next forward (PlanGlobals.host_update_inline); by default the next
+    forward starts as each layer's weights come home, as tiertune's executor runs the plan."""
     train = train.replace(fp32_host_grads=True)
     return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="after"),
-                              "zero-offload")
+                              "zero-offload", host_update_inline=_flag("zero-offload", "host_update_inline",
+                                                                       host_update_inline))
 
 
 @policy("zero-infinity")
-def zero_infinity(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> Plan:
+def zero_infinity(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, host_update_inline: bool = False) -> Plan:
     """DeepSpeed ZeRO-Infinity (stage 3 + offload_param/offload_optimizer): weights and optimizer in host
     memory, or on NVMe when host memory does not suffice (optimizer first, then weights, as users set
     `offload_optimizer.device: nvme` before `offload_param.device: nvme`); one layer prefetched;
     update after backward; activation checkpointing with `cpu_checkpointing` (the layer-input
     checkpoints wait in host memory), the best configuration Fuyou compares against. Host state
     follows DeepSpeed's accounting: fp32 gradient partitions, and the estimators' 1.5x buffer margin
-    when deciding whether host memory holds it."""
+    when deciding whether host memory holds it. `host_update_inline`: as in zero-offload."""
+    inline = _flag("zero-infinity", "host_update_inline", host_update_inline)
     train = train.replace(fp32_host_grads=True)
     cm = cost_model(model, train, hw)
     for params, optim in (("cpu", "cpu"), ("cpu", "ssd"), ("ssd", "ssd")):
         plan = _uniform(model, train, hw, LayerPlan(params=params, optimizer=optim, update="after",
                                                     activations="recompute"), "zero-infinity", prefetch_depth=1,
-                        cpu_checkpointing=True)
+                        cpu_checkpointing=True, host_update_inline=inline)
         need = footprint(cm, plan)
         if need["cpu"] * DEEPSPEED_HOST_BUFFER_FACTOR <= hw.cpu_mem_bytes and need["ssd"] <= hw.ssd_capacity_total_bytes:
             return plan
@@ -205,12 +217,18 @@ def lsp_rank(model: ModelSpec) -> tuple[int, int]:
 
 @policy("lsp-offload")
 def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, d: int | None = None,
-                r: int | None = None) -> Plan:
+                r: int | None = None, host_update_inline: bool = False) -> Plan:
     """LSP-Offload (arXiv 2406.10181, gulang2019/LSP-Offload): ZeRO-Offload's placement (weights on GPU,
     CPU Adam), but each gradient crosses PCIe as the d x d projection P^T G Q and the d x d delta comes
     back; layer-wise schedule, deep layers update on the CPU while shallow ones are still in backward.
     d (projection size) and r (non-zeros per projector row) are chosen per run, as the paper's
-    scripts do; unset, `lsp_rank` picks them."""
+    scripts do; unset, `lsp_rank` picks them.
+
+    `host_update_inline=True` is the released profiling script (para_offload_modules.py): its
+    Scheduler puts each module's CPU Adam (`_process`: wait for the gradient's copy, then
+    `optim.step`) in the module hooks, which the training thread runs between one module's backward
+    and the next, so the GPU gets no new work meanwhile (PlanGlobals.host_update_inline); with
+    `--zero` the hooks of every module run at the first module's next forward."""
     d0, r0 = lsp_rank(model)
     d, r = d or d0, r or r0
     for name, v in (("d", d), ("r", r)):
@@ -218,7 +236,8 @@ def lsp_offload(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, d: int 
             raise InputError(f"lsp-offload: {name} must be a positive integer, got {v!r}")
     return _keep_or_recompute(model, train, hw, LayerPlan(params="gpu", optimizer="cpu", update="overlap",
                                                           grad_rank=d),
-                              "lsp-offload", lsp_nnz_per_row=r)
+                              "lsp-offload", lsp_nnz_per_row=r,
+                              host_update_inline=_flag("lsp-offload", "host_update_inline", host_update_inline))
 
 
 @policy("megatrain")

@@ -239,6 +239,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     # DeepSpeed's cpu_checkpointing: a recomputed layer's input checkpoint waits in host memory
     # between its forward and its recompute, instead of on the device.
     host_ckpt = plan.globals.cpu_checkpointing
+    inline = plan.globals.host_update_inline
 
     def dur(i: int, name: str) -> float:
         return rec[i].steps[name].duration
@@ -486,6 +487,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         u = update(i, grads[i], None, window() if lp.optimizer == "ssd" else None)
                         if lp.update == "fused" and lp.optimizer == "gpu":
                             prev_end = u          # LOMO: the hook updates before the next layer's backward
+                        elif inline and lp.optimizer != "gpu":
+                            prev_end = u          # the training thread runs the host step (host_update_inline)
     # ---- deferred (ZeRO-style) updates: in forward order so the next step can start early ----
     gate = prev_end
     order = sorted(after_layers)
@@ -493,4 +496,6 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     for j, i in enumerate(order):
         read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
         upd_tasks.append(update(i, grads[i], gate, read_after))
+    if inline and order:
+        prev_end = upd_done[order[-1]]        # the next forward waits for the whole step (host_update_inline)
     return g.finish(dict(zip(handed_over, [prev_end, *upd_done, *opt_written, *uses[-1 - depth:]])))
