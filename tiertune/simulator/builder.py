@@ -194,6 +194,11 @@ class TaskGraph:
         return g
 
 
+# load_weights' phases: the task tag and the recipe steps of the SSD read and the load
+WEIGHT_STEPS = {"fwd": ("w.fwd", "w_ssd_read_fwd", "w_load_fwd"), "bwd": ("w.bwd", "w_ssd_read_bwd", "w_load_bwd"),
+                "norm": ("w.norm", "w_ssd_read_bwd", "w_load_bwd")}
+
+
 def capacities(hw: HardwareProfile, plan: Plan) -> list[int]:
     gpu = plan.globals.gpu_mem_bytes if plan.globals.gpu_mem_bytes is not None else hw.gpu_mem_bytes
     return [int(gpu), int(hw.cpu_mem_bytes), int(hw.ssd_capacity_total_bytes)]
@@ -241,8 +246,12 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     host_ckpt = plan.globals.cpu_checkpointing
     inline = plan.globals.host_update_inline
 
-    def dur(i: int, name: str) -> float:
-        return rec[i].steps[name].duration
+    steps = [r.steps for r in rec]
+    # Hot (a layer adds up to ~16 tasks, ~25 edges and ~12 releases per micro-batch): bound methods
+    # in locals, and TaskGraph.edge/release's work inline where it is one step: succ[u].append(v)
+    # is edge(u, v) where u is surely a task of this step (not None, not a placeholder for one of
+    # the previous step), drop((t, tier, bytes)) is release(t, tier, bytes).
+    add, edge, drop, succ = g.add, g.edge, g._frees.extend, g.succ
 
     res = g.resident
     res[0] += hw.gpu_reserve_bytes
@@ -268,16 +277,17 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         if home == "gpu":
             return None
         head = None
+        tag, read, load = WEIGHT_STEPS[phase]
         if home == "ssd":
-            head = g.add("ssd_read", "w." + phase, i, mb, SSD_READ, dur(i, "w_ssd_read_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], cpu=wb[i])
-        h = g.add("load", "w." + phase, i, mb, H2D, dur(i, "w_load_" + ("fwd" if phase == "fwd" else "bwd")), wb[i], gpu=wb[i])
+            head = add("ssd_read", tag, i, mb, SSD_READ, steps[i][read].duration, wb[i], cpu=wb[i])
+        h = add("load", tag, i, mb, H2D, steps[i][load].duration, wb[i], gpu=wb[i])
         if head is not None:
-            g.edge(head, h)
-            g.release(h, 1, wb[i])
+            succ[head].append(h)
+            drop((h, 1, wb[i]))
         first = head if head is not None else h
-        g.edge(window(), first)
+        edge(window(), first)
         if first_use:
-            g.edge(upd_done[i], first)
+            edge(upd_done[i], first)
         return h
 
     def update(i: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
@@ -285,71 +295,71 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         lp, c = lp_[i], cm.layers[i]
         if lp.optimizer == "gpu":
             out = wb[i] if lp.params != "gpu" else 0      # new compute-dtype weights to send home
-            u = g.add("update", "", i, 0, GPU, dur(i, "update"), gpu=out)
+            u = add("update", "", i, 0, GPU, steps[i]["update"].duration, gpu=out)
             for x in grad_ready:
-                g.edge(x, u)
-            g.edge(gate, u)
+                succ[x].append(u)
+            edge(gate, u)
             if lp.update == "fused":
-                g.release(u, 0, c.grad_bytes)
+                drop((u, 0, c.grad_bytes))
             done = u
             if lp.params != "gpu":
-                wbk = g.add("writeback", "w", i, 0, D2H, dur(i, "writeback"), wb[i],
+                wbk = add("writeback", "w", i, 0, D2H, steps[i]["writeback"].duration, wb[i],
                             cpu=wb[i] if lp.params == "ssd" else 0)
-                g.edge(u, wbk)
-                g.release(wbk, 0, wb[i])
+                succ[u].append(wbk)
+                drop((wbk, 0, wb[i]))
                 done = wbk
                 if lp.params == "ssd":
-                    sw = g.add("ssd_write", "w", i, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
-                    g.edge(wbk, sw)
-                    g.release(sw, 1, wb[i])
+                    sw = add("ssd_write", "w", i, 0, SSD_WRITE, steps[i]["w_ssd_write"].duration, wb[i])
+                    succ[wbk].append(sw)
+                    drop((sw, 1, wb[i]))
                     done = sw
             upd_done[i] = done
             return u
         # CPU optimizer (state in host memory, or on SSD and streamed through host memory).
         sr = None
         if lp.optimizer == "ssd":
-            sr = g.add("ssd_read", "opt", i, 0, SSD_READ, dur(i, "opt_ssd_read"), opt_bytes[i],
+            sr = add("ssd_read", "opt", i, 0, SSD_READ, steps[i]["opt_ssd_read"].duration, opt_bytes[i],
                        cpu=opt_bytes[i])
-            g.edge(opt_written[i], sr)
-            g.edge(read_after, sr)
+            edge(opt_written[i], sr)
+            edge(read_after, sr)
             if len(upd_seq) > depth:                  # and no further ahead of the optimizer itself
-                g.edge(upd_seq[-1 - depth], sr)
+                succ[upd_seq[-1 - depth]].append(sr)
         rank = lp.grad_rank
         out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
-        u = g.add("update", "", i, 0, CPU, dur(i, "update"), cpu=out)
+        u = add("update", "", i, 0, CPU, steps[i]["update"].duration, cpu=out)
         if len(upd_seq) >= g.pool_slots[CPU]:
             # The optimizer's workers take steps in issue order (DeepSpeed's CPU Adam, our executor):
             # one whose gradient is ready early does not jump ahead of the layer the next forward needs first.
-            g.edge(upd_seq[-g.pool_slots[CPU]], u)
+            succ[upd_seq[-g.pool_slots[CPU]]].append(u)
         upd_seq.append(u)
-        g.edge(sr, u)
+        edge(sr, u)
         for x in grad_ready:
-            g.edge(x, u)
-        g.edge(gate, u)
-        g.release(u, 1, sent_bytes[i])                # the host gradient buffer
+            succ[x].append(u)
+        edge(gate, u)
+        drop((u, 1, sent_bytes[i]))                # the host gradient buffer
         if sr is not None:
-            sw = g.add("ssd_write", "opt", i, 0, SSD_WRITE, dur(i, "opt_ssd_write"), opt_bytes[i])
-            g.edge(u, sw)
-            g.release(sw, 1, opt_bytes[i])
+            sw = add("ssd_write", "opt", i, 0, SSD_WRITE, steps[i]["opt_ssd_write"].duration, opt_bytes[i])
+            succ[u].append(sw)
+            drop((sw, 1, opt_bytes[i]))
             opt_written[i] = sw
         done = u
         if lp.params == "gpu" and rank:
-            wbk = g.add("writeback", "w", i, 0, H2D, dur(i, "writeback"), sent_bytes[i], gpu=sent_bytes[i])
-            g.edge(u, wbk)
-            g.release(wbk, 1, sent_bytes[i])
-            d = g.add("decompress", "", i, 0, GPU, dur(i, "decompress"))
-            g.edge(wbk, d)
-            g.release(d, 0, sent_bytes[i])
+            wbk = add("writeback", "w", i, 0, H2D, steps[i]["writeback"].duration, sent_bytes[i], gpu=sent_bytes[i])
+            succ[u].append(wbk)
+            drop((wbk, 1, sent_bytes[i]))
+            d = add("decompress", "", i, 0, GPU, steps[i]["decompress"].duration)
+            succ[wbk].append(d)
+            drop((d, 0, sent_bytes[i]))
             done = d
         elif lp.params == "gpu":
-            wbk = g.add("writeback", "w", i, 0, H2D, dur(i, "writeback"), wb[i])
-            g.edge(u, wbk)
-            g.release(wbk, 1, wb[i])
+            wbk = add("writeback", "w", i, 0, H2D, steps[i]["writeback"].duration, wb[i])
+            succ[u].append(wbk)
+            drop((wbk, 1, wb[i]))
             done = wbk
         elif lp.params == "ssd":
-            sw = g.add("ssd_write", "w", i, 0, SSD_WRITE, dur(i, "w_ssd_write"), wb[i])
-            g.edge(u, sw)
-            g.release(sw, 1, wb[i])
+            sw = add("ssd_write", "w", i, 0, SSD_WRITE, steps[i]["w_ssd_write"].duration, wb[i])
+            succ[u].append(sw)
+            drop((sw, 1, wb[i]))
             done = sw
         upd_done[i] = done
         return u
@@ -366,30 +376,30 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             S, a, k = r.slices, r.act_slice_bytes, r.ckpt_slice_bytes
             h = load_weights(i, mb, first_use=(mb == 0), phase="fwd")
             for s in range(S):
-                f = g.add("forward", "", i, mb, GPU, dur(i, "forward"), flops=c.fwd_flops / S, gpu=a)
+                f = add("forward", "", i, mb, GPU, steps[i]["forward"].duration, flops=c.fwd_flops / S, gpu=a)
                 if s == 0:
-                    g.edge(h, f)
+                    edge(h, f)
                     if h is None and mb == 0:
-                        g.edge(upd_done[i], f)
-                g.edge(prev_end, f)
+                        edge(upd_done[i], f)
+                edge(prev_end, f)
                 if s == S - 1 and h is not None and not (keep_last and i == n - 1):
-                    g.release(f, 0, wb[i])
+                    drop((f, 0, wb[i]))
                 if lp.activations == "recompute":
-                    g.release(f, 0, a - k)
+                    drop((f, 0, a - k))
                     if host_ckpt:
-                        o = g.add("offload", "ckpt", i, mb, D2H, dur(i, "ckpt_offload"), k, cpu=k)
-                        g.edge(f, o)
-                        g.release(o, 0, k)
+                        o = add("offload", "ckpt", i, mb, D2H, steps[i]["ckpt_offload"].duration, k, cpu=k)
+                        succ[f].append(o)
+                        drop((o, 0, k))
                         homes[i].append((o, None))
                 elif lp.activations in ("cpu", "ssd"):
-                    o = g.add("offload", "act", i, mb, D2H, dur(i, "act_offload"), a, cpu=a)
-                    g.edge(f, o)
-                    g.release(o, 0, a)
+                    o = add("offload", "act", i, mb, D2H, steps[i]["act_offload"].duration, a, cpu=a)
+                    succ[f].append(o)
+                    drop((o, 0, a))
                     w = None
                     if lp.activations == "ssd":
-                        w = g.add("ssd_write", "act", i, mb, SSD_WRITE, dur(i, "act_ssd_write"), a, ssd=a)
-                        g.edge(o, w)
-                        g.release(w, 1, a)
+                        w = add("ssd_write", "act", i, mb, SSD_WRITE, steps[i]["act_ssd_write"].duration, a, ssd=a)
+                        succ[o].append(w)
+                        drop((w, 1, a))
                     homes[i].append((o, w))
                 prev_end = f
             uses.append(f)
@@ -418,36 +428,36 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         o, w = homes[i][s]
                         src = o
                         if lp.activations == "ssd":
-                            sr = g.add("ssd_read", "act" + sfx, i, mb, SSD_READ, dur(i, "act_ssd_read"), a, cpu=a)
-                            g.edge(w, sr)
-                            g.edge(gate, sr)
+                            sr = add("ssd_read", "act" + sfx, i, mb, SSD_READ, steps[i]["act_ssd_read"].duration, a, cpu=a)
+                            succ[w].append(sr)
+                            edge(gate, sr)
                             if last:
-                                g.release(sr, 2, a)
+                                drop((sr, 2, a))
                             src = sr
-                        prep = g.add("fetch", "act" + sfx, i, mb, H2D, dur(i, "act_fetch"), a, gpu=a)
-                        g.edge(src, prep)
+                        prep = add("fetch", "act" + sfx, i, mb, H2D, steps[i]["act_fetch"].duration, a, gpu=a)
+                        succ[src].append(prep)
                         if lp.activations == "cpu":
-                            g.edge(gate, prep)
+                            edge(gate, prep)
                         if last or lp.activations == "ssd":
-                            g.release(prep, 1, a)
+                            drop((prep, 1, a))
                     elif lp.activations == "recompute":
                         fetched = None
                         if host_ckpt:
-                            fetched = g.add("fetch", "ckpt" + sfx, i, mb, H2D, dur(i, "ckpt_fetch"), k, gpu=k)
-                            g.edge(homes[i][s][0], fetched)
-                            g.edge(gate, fetched)
+                            fetched = add("fetch", "ckpt" + sfx, i, mb, H2D, steps[i]["ckpt_fetch"].duration, k, gpu=k)
+                            succ[homes[i][s][0]].append(fetched)
+                            edge(gate, fetched)
                             if last:
-                                g.release(fetched, 1, k)
-                        prep = g.add("recompute", tag, i, mb, GPU, dur(i, "recompute"), flops=c.fwd_flops / S,
+                                drop((fetched, 1, k))
+                        prep = add("recompute", tag, i, mb, GPU, steps[i]["recompute"].duration, flops=c.fwd_flops / S,
                                      gpu=a - k)
-                        g.edge(h, prep)
-                        g.edge(fetched, prep)
-                        g.edge(prev_end, prep)
-                    b = g.add("backward", tag, i, mb, GPU, dur(i, "backward"), flops=c.bwd_flops / S,
+                        edge(h, prep)
+                        edge(fetched, prep)
+                        succ[prev_end].append(prep)
+                    b = add("backward", tag, i, mb, GPU, steps[i]["backward"].duration, flops=c.bwd_flops / S,
                               gpu=ws + (dyn_grad if s == 0 else 0))
-                    g.edge(h, b)
-                    g.edge(prep, b)
-                    g.edge(prev_end, b)
+                    edge(h, b)
+                    edge(prep, b)
+                    succ[prev_end].append(b)
                     freed = ws + (freed_w if s == S - 1 else 0)
                     if lp.activations == "keep":
                         freed += a if last else 0
@@ -457,7 +467,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                         freed += a
                     if not last and s == S - 1:
                         freed += dyn_grad              # the norm pass only keeps a running sum
-                    g.release(b, 0, freed)
+                    drop((b, 0, freed))
                     done_slices.append(b)
                     prev_end = b
                 uses.append(b)
@@ -469,15 +479,15 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                 else:
                     src = b
                     if lp.grad_rank:
-                        cx = g.add("compress", "grad", i, mb, GPU,
-                                   dur(i, "compress"), gpu=sent_bytes[i])
-                        g.edge(b, cx)
-                        g.release(cx, 0, c.grad_bytes)
+                        cx = add("compress", "grad", i, mb, GPU,
+                                   steps[i]["compress"].duration, gpu=sent_bytes[i])
+                        succ[b].append(cx)
+                        drop((cx, 0, c.grad_bytes))
                         src = cx
-                    gd = g.add("grad", "grad", i, mb, D2H, dur(i, "grad"), sent_bytes[i],
+                    gd = add("grad", "grad", i, mb, D2H, steps[i]["grad"].duration, sent_bytes[i],
                                cpu=sent_bytes[i] if mb == 0 else 0)   # later micro-batches accumulate into it
-                    g.edge(src, gd)
-                    g.release(gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes)
+                    succ[src].append(gd)
+                    drop((gd, 0, sent_bytes[i] if lp.grad_rank else c.grad_bytes))
                     arrival = gd
                 grads[i].append(arrival)
                 if mb == accum - 1:
