@@ -41,6 +41,7 @@ from tiertune.simulator.recipe import keeps_last_weights, passes as recipe_passe
 from tiertune.vocab import LINKS, CPU, D2H, GPU, H2D, RESOURCES, SSD_READ, SSD_WRITE, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
+MANY_TIERS = 3          # alloc_tier / free_tier of a task that allocates or frees on several tiers
 
 
 @dataclass
@@ -58,6 +59,13 @@ class TaskGraph:
     flops: list[float] = field(default_factory=list)
     alloc: tuple[list[int], list[int], list[int]] = field(default_factory=lambda: ([], [], []))  # gpu, cpu, ssd
     free: tuple[list[int], list[int], list[int]] = field(default_factory=lambda: ([], [], []))
+    # The same allocations and releases as the engine reads them: the one tier a task allocates
+    # (frees) bytes on and how many; -1 where it allocates (frees) nothing, MANY_TIERS where it
+    # does on several tiers (then read alloc/free). Every task the builder makes touches one tier.
+    alloc_tier: list[int] = field(default_factory=list)
+    alloc_bytes: list[int] = field(default_factory=list)
+    free_tier: list[int] = field(default_factory=list)
+    free_bytes: list[int] = field(default_factory=list)
     succ: list[list[int]] = field(default_factory=list)
     npred: list[int] = field(default_factory=list)
     resident: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -79,13 +87,15 @@ class TaskGraph:
     # --- construction: each task's fields go into one flat list and each column is a slice of
     # it at the end. One extend per task costs less than a dozen appends, and, unlike a list of
     # row tuples, leaves no object per task alive for the garbage collector to walk. --------------
-    ROW = 11        # fields per task in _rows, in add()'s argument order
+    ROW = 13        # fields per task in _rows: add()'s arguments, then alloc_tier and alloc_bytes
 
     def add(self, kind: str, tag: str, layer: int, mb: int, res: int, dur: float, nbytes: int = 0,
             flops: float = 0.0, gpu: int = 0, cpu: int = 0, ssd: int = 0) -> int:
         succ = self.succ
         t = len(succ)
-        self._rows.extend((kind, tag, layer, mb, res, dur, nbytes, flops, gpu, cpu, ssd))
+        tier = (MANY_TIERS if (gpu and (cpu or ssd)) or (cpu and ssd) else
+                0 if gpu else 1 if cpu else 2 if ssd else -1)
+        self._rows.extend((kind, tag, layer, mb, res, dur, nbytes, flops, gpu, cpu, ssd, tier, gpu or cpu or ssd))
         succ.append([])
         return t
 
@@ -115,16 +125,21 @@ class TaskGraph:
         rows, w, k = self._rows, self.ROW, self.iterations
         m = len(rows) // w                                   # tasks per step
         (self.kind, self.tag, self.layer, self.micro, self.resource, self.duration, self.nbytes, self.flops,
-         *alloc) = (rows[j::w] * k for j in range(w))
-        self.alloc = tuple(alloc)
+         ag, ac, asd, self.alloc_tier, self.alloc_bytes) = (rows[j::w] * k for j in range(w))
+        self.alloc = (ag, ac, asd)
         self.iteration = []
         for it in range(k):
             self.iteration += [it] * m
         free = ([0] * m, [0] * m, [0] * m)
+        free_tier, free_bytes = [-1] * m, [0] * m
         frees = iter(self._frees)
         for t, tier, b in zip(frees, frees, frees):
-            free[tier][t] += b
+            if b:
+                free[tier][t] += b
+                free_bytes[t] += b
+                free_tier[t] = tier if free_tier[t] in (-1, tier) else MANY_TIERS
         self.free = tuple(f * k for f in free)
+        self.free_tier, self.free_bytes = free_tier * k, free_bytes * k
         step = self.succ
         flat = list(chain.from_iterable(step))                 # the step's edges, by source
         npred = [0] * m
@@ -169,6 +184,9 @@ class TaskGraph:
             setattr(g, col, [old[t] for t in order])
         g.alloc = tuple([a[t] for t in order] for a in self.alloc)
         g.free = tuple([f[t] for t in order] for f in self.free)
+        for col in ("alloc_tier", "alloc_bytes", "free_tier", "free_bytes"):
+            old = getattr(self, col)
+            setattr(g, col, [old[t] for t in order])
         g.succ = [[new[v] for v in self.succ[t]] for t in order]
         for k, vs in enumerate(g.succ):
             assert all(v > k for v in vs), "a permutation must keep task ids topologically ordered"

@@ -26,7 +26,7 @@ from heapq import heapify, heappop, heappush
 from itertools import compress
 from operator import not_
 
-from tiertune.simulator.builder import TaskGraph
+from tiertune.simulator.builder import MANY_TIERS, TaskGraph
 from tiertune.vocab import TIERS
 
 GiB = float(1 << 30)
@@ -50,33 +50,45 @@ class EngineRun:
     peak: list[int]              # per tier
 
 
+def _pools_in(npools: int) -> list[tuple[int, ...]]:
+    """pools_in[m]: the pools whose bit is set in m."""
+    hit = _POOLS_IN.get(npools)
+    if hit is None:
+        hit = _POOLS_IN[npools] = [tuple(p for p in range(npools) if m >> p & 1) for m in range(1 << npools)]
+    return hit
+
+
+_POOLS_IN: dict[int, list[tuple[int, ...]]] = {}
+
+
 def run(g: TaskGraph) -> EngineRun:
     n = len(g.duration)
     dur = g.duration
     pool = list(map(g.pool.__getitem__, g.resource))     # slot pool of each task
-    ag, ac, asd = g.alloc
-    fg, fc, fsd = g.free
+    # What each task allocates and frees, on one tier (almost every task; MANY_TIERS: read the
+    # per-tier lists): one branch per task instead of one per tier.
+    atier, abytes, ftier, fbytes = g.alloc_tier, g.alloc_bytes, g.free_tier, g.free_bytes
     succ = g.succ
     npred = list(g.npred)
     slots = list(g.pool_slots)
     npools = len(slots)
-    # pools_in[m]: the pools whose bit is set in m. A dispatch round looks only at the pools that
-    # changed since the last one (a slot came free, a task became ready) and those whose most
-    # urgent task waits for memory: every other pool has no free slot or nothing ready, as it had
-    # at the end of the last round, so the round starts what a scan of every pool would.
+    # A dispatch round looks only at the pools that changed since the last one (a slot came
+    # free, a task became ready) and those whose most urgent task waits for memory: every other
+    # pool has no free slot or nothing ready, as it had at the end of the last round, so the
+    # round starts what a scan of every pool would.
     bit = [1 << p for p in range(npools)]
-    pools_in = [tuple(p for p in range(npools) if m >> p & 1) for m in range(1 << npools)]
+    pools_in = _pools_in(npools)
     ready: list[list[int]] = [[] for _ in range(npools)]
     for t in compress(range(n), map(not_, npred)):
         ready[pool[t]].append(t)                    # ascending ids: already valid heaps
     dirty = (1 << npools) - 1                       # bit p: pool p changed since the last round
     waiting = 0                                     # bit p: pool p's most urgent task waits for memory
-    cap_g, cap_c, cap_s = g.capacity
-    used_g, used_c, used_s = g.resident
-    peak_g, peak_c, peak_s = used_g, used_c, used_s
+    cap = list(g.capacity)
+    used = list(g.resident)                         # bytes in use per tier
+    peak = list(used)
     start = [0.0] * n
     end = [0.0] * n
-    mem = [0.0, 0, used_g, 0.0, 1, used_c, 0.0, 2, used_s]    # (time, tier, bytes in use) per change
+    mem = [0.0, 0, used[0], 0.0, 1, used[1], 0.0, 2, used[2]]    # (time, tier, bytes in use) per change
     sample = mem.extend
     events: list[tuple[float, int]] = []
     now = 0.0
@@ -109,36 +121,24 @@ def run(g: TaskGraph) -> EngineRun:
             while cand:
                 t = heappop(cand)
                 p = pool[t]
-                a1 = ag[t]; a2 = ac[t]; a3 = asd[t]
-                if a1 or a2 or a3:
-                    fail = 0
-                    if a1 and (blocked & 1 or used_g + a1 > cap_g):
-                        fail = 1
-                    if a2 and (blocked & 2 or used_c + a2 > cap_c):
-                        fail |= 2
-                    if a3 and (blocked & 4 or used_s + a3 > cap_s):
-                        fail |= 4
-                    if fail:
+                k = atier[t]
+                if k >= 0:
+                    if k != MANY_TIERS:
+                        b = used[k] + abytes[t]
+                        if blocked >> k & 1 or b > cap[k]:
+                            blocked |= 1 << k        # only the tier it waits on is reserved for it
+                            waiting |= 1 << p
+                            continue                 # this resource waits for its most urgent task
+                        used[k] = b
+                        if b > peak[k]:
+                            peak[k] = b
+                        sample((now, k, b))
+                    elif not _alloc_many(g.alloc, t, used, cap, peak, blocked, now, sample):
                         # Only the tiers it waits on are reserved for it: reserving all of its tiers
                         # could block the very task whose end frees what it waits for.
-                        blocked |= fail
+                        blocked |= _fails(g.alloc, t, used, cap, blocked)
                         waiting |= 1 << p
-                        continue                     # this resource waits for its most urgent task
-                    if a1:
-                        used_g += a1
-                        if used_g > peak_g:
-                            peak_g = used_g
-                        sample((now, 0, used_g))
-                    if a2:
-                        used_c += a2
-                        if used_c > peak_c:
-                            peak_c = used_c
-                        sample((now, 1, used_c))
-                    if a3:
-                        used_s += a3
-                        if used_s > peak_s:
-                            peak_s = used_s
-                        sample((now, 2, used_s))
+                        continue
                 q = ready[p]
                 heappop(q)
                 slots[p] -= 1
@@ -189,16 +189,17 @@ def run(g: TaskGraph) -> EngineRun:
                 if not busy[r]:
                     mask &= ~(1 << r)
                 running.remove(t)
-            f1 = fg[t]; f2 = fc[t]; f3 = fsd[t]
-            if f1:
-                used_g -= f1
-                sample((now, 0, used_g))
-            if f2:
-                used_c -= f2
-                sample((now, 1, used_c))
-            if f3:
-                used_s -= f3
-                sample((now, 2, used_s))
+            k = ftier[t]
+            if k >= 0:
+                if k != MANY_TIERS:
+                    b = used[k] - fbytes[t]
+                    used[k] = b
+                    sample((now, k, b))
+                else:
+                    for k, f in enumerate(g.free):
+                        if f[t]:
+                            used[k] -= f[t]
+                            sample((now, k, used[k]))
             for s in succ[t]:
                 k = npred[s] - 1
                 npred[s] = k
@@ -214,11 +215,34 @@ def run(g: TaskGraph) -> EngineRun:
             t = heappop(events)[1]
 
     if any(ready) or any(npred):                 # something never ran
-        raise _stall(g, ready, npred, (used_g, used_c, used_s))
-    return EngineRun(start, end, mem[0::3], mem[1::3], mem[2::3], [peak_g, peak_c, peak_s])
+        raise _stall(g, ready, npred, used)
+    return EngineRun(start, end, mem[0::3], mem[1::3], mem[2::3], peak)
 
 
-def _stall(g: TaskGraph, ready: list[list[int]], npred: list[int], used: tuple[int, int, int]) -> SimStall:
+def _fails(alloc: tuple, t: int, used: list[int], cap: list[int], blocked: int) -> int:
+    """Bit per tier on which task t's allocation does not fit now (or an earlier task waits)."""
+    fail = 0
+    for k, a in enumerate(alloc):
+        if a[t] and (blocked >> k & 1 or used[k] + a[t] > cap[k]):
+            fail |= 1 << k
+    return fail
+
+
+def _alloc_many(alloc: tuple, t: int, used: list[int], cap: list[int], peak: list[int], blocked: int,
+                now: float, sample) -> bool:
+    """Allocate task t's bytes on several tiers if all fit (tier by tier, a sample each); False if not."""
+    if _fails(alloc, t, used, cap, blocked):
+        return False
+    for k, a in enumerate(alloc):
+        if a[t]:
+            used[k] += a[t]
+            if used[k] > peak[k]:
+                peak[k] = used[k]
+            sample((now, k, used[k]))
+    return True
+
+
+def _stall(g: TaskGraph, ready: list[list[int]], npred: list[int], used: list[int]) -> SimStall:
     """Explain why nothing can start: the waiting tasks and the tier they do not fit on."""
     waiting = sorted(t for q in ready for t in q)
     if not waiting:                                  # cannot happen with topological ids; say so if it does
