@@ -50,17 +50,6 @@ class EngineRun:
     peak: list[int]              # per tier
 
 
-def _pools_in(npools: int) -> list[tuple[int, ...]]:
-    """pools_in[m]: the pools whose bit is set in m."""
-    hit = _POOLS_IN.get(npools)
-    if hit is None:
-        hit = _POOLS_IN[npools] = [tuple(p for p in range(npools) if m >> p & 1) for m in range(1 << npools)]
-    return hit
-
-
-_POOLS_IN: dict[int, list[tuple[int, ...]]] = {}
-
-
 def run(g: TaskGraph) -> EngineRun:
     n = len(g.duration)
     dur = g.duration
@@ -71,18 +60,16 @@ def run(g: TaskGraph) -> EngineRun:
     succ = g.succ
     npred = list(g.npred)
     slots = list(g.pool_slots)
-    npools = len(slots)
-    # A dispatch round looks only at the pools that changed since the last one (a slot came
-    # free, a task became ready) and those whose most urgent task waits for memory: every other
-    # pool has no free slot or nothing ready, as it had at the end of the last round, so the
-    # round starts what a scan of every pool would.
-    bit = [1 << p for p in range(npools)]
-    pools_in = _pools_in(npools)
-    ready: list[list[int]] = [[] for _ in range(npools)]
+    ready: list[list[int]] = [[] for _ in slots]     # per slot pool, a heap of ready task ids
     for t in compress(range(n), map(not_, npred)):
         ready[pool[t]].append(t)                    # ascending ids: already valid heaps
-    dirty = (1 << npools) - 1                       # bit p: pool p changed since the last round
-    waiting = 0                                     # bit p: pool p's most urgent task waits for memory
+    # cand: a heap holding the most urgent ready task of every pool with a free slot, and stale
+    # entries (a task since started or overtaken by a more urgent one, or whose pool has no free
+    # slot now) skipped when popped. A task goes in when it becomes the most urgent of its pool
+    # with a slot free, or a slot comes free under it; a round pops what is there in id order.
+    cand = [q[0] for q, free in zip(ready, slots) if q and free]
+    heapify(cand)
+    held: list[int] = []                            # tasks waiting for memory: looked at again next round
     cap = list(g.capacity)
     used = list(g.resident)                         # bytes in use per tier
     peak = list(used)
@@ -108,53 +95,48 @@ def run(g: TaskGraph) -> EngineRun:
 
     while True:
         # --- start whatever can start now, most urgent id first across resources ---
-        look = dirty | waiting
-        if look:
-            dirty = waiting = 0
-            cand = []                                # the most urgent ready task of each pool
-            for p in pools_in[look]:                 # a loop, not a comprehension: that would make
-                q = ready[p]                         # ready and slots closure cells, slower to read
-                if q and slots[p]:
-                    cand.append(q[0])
-            heapify(cand)
-            blocked = 0                              # bit per tier: an earlier task waits for memory there
-            while cand:
-                t = heappop(cand)
-                p = pool[t]
-                k = atier[t]
-                if k >= 0:
-                    if k != MANY_TIERS:
-                        b = used[k] + abytes[t]
-                        if blocked >> k & 1 or b > cap[k]:
-                            blocked |= 1 << k        # only the tier it waits on is reserved for it
-                            waiting |= 1 << p
-                            continue                 # this resource waits for its most urgent task
-                        used[k] = b
-                        if b > peak[k]:
-                            peak[k] = b
-                        sample((now, k, b))
-                    elif not _alloc_many(g.alloc, t, used, cap, peak, blocked, now, sample):
-                        # Only the tiers it waits on are reserved for it: reserving all of its tiers
-                        # could block the very task whose end frees what it waits for.
-                        blocked |= _fails(g.alloc, t, used, cap, blocked)
-                        waiting |= 1 << p
-                        continue
-                q = ready[p]
-                heappop(q)
-                slots[p] -= 1
-                start[t] = now
-                if cont:
-                    r = res_of[t]
-                    busy[r] += 1
-                    mask |= 1 << r
-                    running.append(t)
-                    left[t] = dur[t]
-                    since[t] = now
-                    fresh = True
-                else:
-                    heappush(events, (now + dur[t], t))
-                if q and slots[p]:
-                    heappush(cand, q[0])
+        blocked = 0                                  # bit per tier: an earlier task waits for memory there
+        while cand:
+            t = heappop(cand)
+            p = pool[t]
+            q = ready[p]
+            if not slots[p] or not q or q[0] != t:
+                continue                             # stale
+            k = atier[t]
+            if k >= 0:
+                if k != MANY_TIERS:
+                    b = used[k] + abytes[t]
+                    if blocked >> k & 1 or b > cap[k]:
+                        blocked |= 1 << k            # only the tier it waits on is reserved for it
+                        held.append(t)
+                        continue                     # this resource waits for its most urgent task
+                    used[k] = b
+                    if b > peak[k]:
+                        peak[k] = b
+                    sample((now, k, b))
+                elif not _alloc_many(g.alloc, t, used, cap, peak, blocked, now, sample):
+                    # Only the tiers it waits on are reserved for it: reserving all of its tiers
+                    # could block the very task whose end frees what it waits for.
+                    blocked |= _fails(g.alloc, t, used, cap, blocked)
+                    held.append(t)
+                    continue
+            heappop(q)
+            slots[p] -= 1
+            start[t] = now
+            if cont:
+                r = res_of[t]
+                busy[r] += 1
+                mask |= 1 << r
+                running.append(t)
+                left[t] = dur[t]
+                since[t] = now
+                fresh = True
+            else:
+                heappush(events, (now + dur[t], t))
+            if q and slots[p]:
+                heappush(cand, q[0])
+        if held:                                     # popped in id order: a valid heap
+            cand, held = held, cand
         if cont:
             if mask != busy_set or fresh:
                 busy_set, fresh = mask, False
@@ -181,7 +163,9 @@ def run(g: TaskGraph) -> EngineRun:
             end[t] = now
             p = pool[t]
             slots[p] += 1
-            dirty |= bit[p]
+            q = ready[p]
+            if q:
+                heappush(cand, q[0])
             if cont:
                 due[t] = -2.0
                 r = res_of[t]
@@ -205,8 +189,10 @@ def run(g: TaskGraph) -> EngineRun:
                 npred[s] = k
                 if not k:
                     p = pool[s]
-                    heappush(ready[p], s)
-                    dirty |= bit[p]
+                    q = ready[p]
+                    heappush(q, s)
+                    if q[0] == s and slots[p]:
+                        heappush(cand, s)
             if cont:
                 while events and due[events[0][1]] != events[0][0]:
                     heappop(events)
