@@ -76,6 +76,7 @@ class TaskGraph:
     # other resources s busy meanwhile) of its speed; None: resources never slow each other
     contention: list[list[float]] | None = None
     iterations: int = 1
+    step_tasks: int = 0          # tasks per step where ids run step by step (finish lays them so); 0: unknown
     _rows: list = field(default_factory=list, repr=False)     # ROW fields per task of one step, flat
     _frees: list[int] = field(default_factory=list, repr=False)   # (task, tier, bytes) per release, flat
     _placeholders: int = field(default=0, repr=False)
@@ -123,7 +124,7 @@ class TaskGraph:
         another placeholder: one more step back) that plays placeholder p's role at the end of a
         step; None where no edge comes from a previous step."""
         rows, w, k = self._rows, self.ROW, self.iterations
-        m = len(rows) // w                                   # tasks per step
+        m = self.step_tasks = len(rows) // w                 # tasks per step
         (self.kind, self.tag, self.layer, self.micro, self.resource, self.duration, self.nbytes, self.flops,
          ag, ac, asd, self.alloc_tier, self.alloc_bytes) = (rows[j::w] * k for j in range(w))
         self.alloc = (ag, ac, asd)

@@ -166,13 +166,6 @@ def run(g: TaskGraph) -> EngineRun:
             q = ready[p]
             if q:
                 heappush(cand, q[0])
-            if cont:
-                due[t] = -2.0
-                r = res_of[t]
-                busy[r] -= 1
-                if not busy[r]:
-                    mask &= ~(1 << r)
-                running.remove(t)
             k = ftier[t]
             if k >= 0:
                 if k != MANY_TIERS:
@@ -194,6 +187,12 @@ def run(g: TaskGraph) -> EngineRun:
                     if q[0] == s and slots[p]:
                         heappush(cand, s)
             if cont:
+                due[t] = -2.0
+                r = res_of[t]
+                busy[r] -= 1
+                if not busy[r]:
+                    mask &= ~(1 << r)
+                running.remove(t)
                 while events and due[events[0][1]] != events[0][0]:
                     heappop(events)
             if not events or events[0][0] != now:

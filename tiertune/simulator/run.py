@@ -144,11 +144,18 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
     ends = [0.0] * k                       # when each iteration's last task ends
     busy = [0.0] * len(RESOURCES)          # work per resource over the steady iterations
     first_steady = 1 if k > 1 else 0
-    for it, e, r, d in zip(g.iteration, run.end, g.resource, g.duration):
-        if e > ends[it]:
-            ends[it] = e
-        if it >= first_steady:
+    m = g.step_tasks
+    if m:                                  # ids run step by step: an iteration is a slice of ids
+        for it in range(k):
+            ends[it] = max(0.0, *run.end[it * m:(it + 1) * m])
+        for r, d in zip(g.resource[first_steady * m:], g.duration[first_steady * m:]):
             busy[r] += d
+    else:
+        for it, e, r, d in zip(g.iteration, run.end, g.resource, g.duration):
+            if e > ends[it]:
+                ends[it] = e
+            if it >= first_steady:
+                busy[r] += d
     iteration_s = (ends[-1] - ends[0]) / (k - 1) if k > 1 else ends[0]
     steady = max(k - first_steady, 1)
     busy_s = {r: busy[i] / steady for i, r in enumerate(RESOURCES)}
