@@ -5,7 +5,9 @@ import pytest
 from tiertune.hardware import load_hardware
 from tiertune.planner.policies import make_policy
 from tiertune.schedule import LayerPlan, PlanGlobals, uniform_plan
-from tiertune.simulator import simulate
+from tiertune.simulator import engine, simulate
+from tiertune.simulator.builder import MANY_TIERS, TaskGraph
+from tiertune.vocab import CPU, GPU
 from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.workload import TrainSpec, layer_costs, load_model
 
@@ -105,3 +107,25 @@ def test_ideal_policy_lifts_the_gpu_limit():
     assert r.fits and r.peak_bytes["gpu"] > 16 * m.total_params()
     assert r.bottleneck == "gpu"
     assert r.iteration_s == pytest.approx(r.busy_s["gpu"], rel=0.01)    # nothing but compute
+
+
+def test_a_task_allocating_on_two_tiers_starts_only_when_both_fit_and_blocks_only_the_tier_it_waits_on():
+    # Builder tasks touch one tier; a hand-made graph may touch several (the engine's other path).
+    # GPU capacity 10: task 0 holds 6 until t=1; task 1 wants 6 GPU + 3 CPU and waits for it;
+    # task 2 (CPU only, a later id on another resource) is not held back by task 1's wait.
+    g = TaskGraph()
+    g.add("forward", "", 0, 0, GPU, 1.0, gpu=6)
+    g.add("forward", "", 1, 0, GPU, 1.0, gpu=6, cpu=3)
+    g.add("update", "", 2, 0, CPU, 1.0, cpu=3)
+    g.release(0, 0, 6)
+    g.release(1, 0, 6)
+    g.release(1, 1, 3)
+    g.release(2, 1, 3)
+    g.finish()
+    g.capacity = [10, 10, 10]
+    assert g.alloc_tier == [0, MANY_TIERS, 1] and g.free_tier == [0, MANY_TIERS, 1]
+    run = engine.run(g)
+    assert run.start == [0.0, 1.0, 0.0]
+    assert run.peak == [6, 3, 0]
+    assert list(zip(run.mem_time, run.mem_tier, run.mem_bytes))[3:] == [
+        (0.0, 0, 6), (0.0, 1, 3), (1.0, 0, 0), (1.0, 1, 0), (1.0, 0, 6), (1.0, 1, 3), (2.0, 0, 0), (2.0, 1, 0)]

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tiertune.hardware import load_hardware
 from tiertune.schedule import LayerPlan, Plan, PlanGlobals
 from tiertune.simulator import simulate
+from tiertune.simulator.builder import MANY_TIERS
 from tiertune.hardware import CUDA_CONTEXT_BYTES
 from tiertune.vocab import RESOURCES, TIERS
 from tiertune.traces import Trace
@@ -65,9 +66,19 @@ def test_simulated_runs_obey_resources_dependencies_and_memory(case):
     run = r.run
     start, end = run.start, run.end
 
-    # Every task starts after all its predecessors ended and lasts its cost-model duration.
+    # The engine's one-tier view of what each task allocates and frees agrees with the per-tier lists.
+    for per_tier, tier, nbytes in ((g.alloc, g.alloc_tier, g.alloc_bytes), (g.free, g.free_tier, g.free_bytes)):
+        for t in range(len(g)):
+            on = [k for k in range(3) if per_tier[k][t]]
+            assert tier[t] == (on[0] if len(on) == 1 else -1 if not on else MANY_TIERS)
+            assert len(on) != 1 or nbytes[t] == per_tier[on[0]][t]
+
+    # Every edge goes from a smaller id to a larger one (ids are a topological order and the
+    # engine's priorities); every task starts after all its predecessors ended and lasts its
+    # cost-model duration.
     for u, succs in enumerate(g.succ):
         for v in succs:
+            assert u < v
             assert start[v] >= end[u]
     for t in range(len(g)):
         assert abs((end[t] - start[t]) - g.duration[t]) <= 1e-9 * max(1.0, end[t])
