@@ -158,3 +158,37 @@ def test_without_enumeration_the_heuristic_stages_still_find_the_optimum_on_thre
     best = min((s.iteration_s for layers in itertools.product(REDUCED, repeat=3)
                 for s in [simulate(model, TRAIN, hw, res.plan.with_layers(layers))] if s.fits), default=math.inf)
     assert res.iteration_s <= best * 1.02
+
+
+def test_the_count_model_keeps_host_room_for_the_steps_it_reads_from_the_ssds():
+    """gpt3-175b on Fuyou's 12 SSDs at batch 1: a host optimizer's step holds its gradient and the
+    21.7 GB of optimizer state it read from the SSDs, for up to depth + 1 layers at once. Without
+    that row the count model's placement stalled the engine on host memory (update:L97)."""
+    from tiertune.planner import cpsat
+    from tiertune.planner.estimate import cost_model
+    from tiertune.schedule import Plan, PlanGlobals
+    from tiertune.workload import default_train, load_model
+    model, hw = load_model("gpt3-175b"), load_hardware("fuyou-4090-12ssd")
+    train = default_train(model).replace(batch=1)
+    cm = cost_model(model, train, hw)
+    choices = cpsat.layer_choices(train)
+    for depth in (1, 2, 3):
+        counts, stats = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, depth, 5.0)
+        layers = cpsat.place(cm, choices, counts)
+        plan = Plan(model=model.name, hardware=hw.name, train=train, layers=tuple(layers),
+                    globals=PlanGlobals(prefetch_depth=depth))
+        sim = simulate(model, train, hw, plan)
+        assert sim.fits or sim.error_tier != "cpu", sim.error      # the GPU's shortfall: the planner's next solve
+
+
+def test_a_plan_short_of_memory_reports_by_how_much():
+    """The engine's shortfall (bytes the task that could not start lacked) is what the count model
+    keeps free on its next solve: the difference of the two figures its message gives."""
+    import re
+    model = small_model()
+    plan = next(b.plan for b in run_baselines(model, TRAIN, HW, ("gpu-only",)))
+    for frac in (0.5, 0.8, 0.95):
+        sim = simulate(model, TRAIN, HW.replace(gpu_mem_bytes=budget(model, frac)), plan)
+        assert not sim.fits and sim.error_tier == "gpu"
+        need, have = map(float, re.findall(r"(\d+\.\d+) GiB", sim.error)[:2])
+        assert abs(sim.error_short_bytes / (1 << 30) - (need - have)) <= 0.011

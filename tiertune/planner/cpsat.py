@@ -88,27 +88,31 @@ def groups(cm: CostModel) -> list[list[int]]:
     return sorted(by.values(), key=lambda g: g[0])
 
 
-def resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
+def resident(cm: CostModel, i: int, lp: LayerPlan, slices: int = 1) -> dict[str, int]:
     """Bytes layer i holds in each tier through the iteration (the count model's memory rows): its
     recipe's home, kept activations and host gradient."""
-    return layer_recipe(cm, i, lp).held()
+    return layer_recipe(cm, i, lp, slices=slices).held()
 
 
-def working_set(cm: CostModel, depth: int) -> int:
+def working_set(cm: CostModel, depth: int, slices: int = 1) -> int:
     """GPU bytes a layer's backward holds beyond what stays resident, at worst (a streamed layer
     whose activations come back): the largest recipe working set. Prefetches (`depth` layers
     ahead) are not reserved: the engine starts a copy only once its bytes fit, so a tight budget
     delays them instead of failing. Activations kept for earlier layers are in `resident`."""
     worst = LayerPlan(params="cpu", optimizer="cpu", activations="cpu")
-    return max(layer_recipe(cm, i, worst).working_gpu for i in range(len(cm.layers)))
+    return max(layer_recipe(cm, i, worst, slices=slices).working_gpu for i in range(len(cm.layers)))
 
 
 # --- stage 1: the count model ---------------------------------------------------------------------
 
 def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth: int, time_limit_s: float,
-                 nnz_per_row: int = 4, hint: list[LayerPlan] | None = None) -> tuple[list[dict] | None, SolverStats]:
+                 nnz_per_row: int = 4, hint: list[LayerPlan] | None = None,
+                 margin: dict[str, int] | None = None, slices: int = 1) -> tuple[list[dict] | None, SolverStats]:
     """How many layers of each group take each choice, minimising the largest per-resource sum.
-    Returns one {choice index: count} per group (None if nothing fits) and the solver's stats."""
+    Returns one {choice index: count} per group (None if nothing fits) and the solver's stats.
+    `margin`: bytes per tier kept free beyond the model's own rows (what the engine found missing
+    when an earlier answer was placed: prefetches in flight, a host step's working bytes).
+    `slices`: the plan's activation_slices, at which every layer's recipe is costed."""
     t0 = time.perf_counter()
     hw = cm.hw
     grp = groups(cm)
@@ -116,12 +120,12 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
     for g in grp:
         i = g[0]
         for k, lp in enumerate(choices):
-            w = layer_work(cm, i, lp, nnz_per_row)
+            w = layer_work(cm, i, lp, nnz_per_row, slices=slices)
             tot = dict.fromkeys(RESOURCES, 0.0)
             for d in (w.fwd, w.bwd, w.post):
                 for r, v in d.items():
                     tot[r] += v
-            works[i, k] = (fold_duplex(tot, hw), resident(cm, i, lp))
+            works[i, k] = (fold_duplex(tot, hw), resident(cm, i, lp, slices))
     horizon = sum(max(works[g[0], k][0].values()) * len(g) for g in grp for k in [0]) * 50 + 1.0
     unit = horizon / 2e6
     m = cp_model.CpModel()
@@ -134,12 +138,25 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
     for r in RESOURCES:
         m.add(T * 1000 >= sum(int(round(works[g[0], k][0][r] / unit * 1000)) * counts[gi][k]
                               for gi, g in enumerate(grp) for k in range(len(choices))))
-    cap = {"gpu": usable_gpu_bytes(hw, gpu_budget) - working_set(cm, depth), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
-    if cap["gpu"] < 0:
+    cap = {"gpu": usable_gpu_bytes(hw, gpu_budget) - working_set(cm, depth, slices), "cpu": hw.cpu_mem_bytes, "ssd": hw.ssd_capacity_total_bytes}
+    for tier, b in (margin or {}).items():
+        cap[tier] -= b
+    if min(cap.values()) < 0:
         return None, SolverStats("infeasible", None, None, time.perf_counter() - t0, "counts")
+    held = {tier: sum((works[g[0], k][1][tier] // MIB) * counts[gi][k]
+                      for gi, g in enumerate(grp) for k in range(len(choices))) for tier in TIERS}
     for tier in TIERS:
-        m.add(sum((works[g[0], k][1][tier] // MIB) * counts[gi][k]
-                  for gi, g in enumerate(grp) for k in range(len(choices))) <= cap[tier] // MIB)
+        m.add(held[tier] <= cap[tier] // MIB)
+    # A host optimizer's step holds its gradient and the state read from the SSDs beyond home
+    # bytes, and the engine reads the state of up to depth + 1 layers ahead: host memory keeps
+    # room for that many of the largest such step any layer takes.
+    for gi, g in enumerate(grp):
+        for k, lp in enumerate(choices):
+            working = layer_recipe(cm, g[0], lp, slices=slices).host_working * (depth + 1) // MIB
+            if working:
+                used = m.new_bool_var(f"u{gi}_{k}")
+                m.add(counts[gi][k] <= len(g) * used)
+                m.add(held["cpu"] + working * used <= cap["cpu"] // MIB)
     m.minimize(T)
     if hint is not None:
         for gi, g in enumerate(grp):

@@ -34,10 +34,11 @@ def _add(d: dict, key: str, v: float) -> None:
         d[key] = d.get(key, 0.0) + v
 
 
-def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4, cpu_checkpointing: bool = False) -> LayerWork:
+def layer_work(cm: CostModel, i: int, lp: LayerPlan, nnz_per_row: int = 4, cpu_checkpointing: bool = False,
+               slices: int = 1) -> LayerWork:
     """Per-resource work of layer i under decisions lp, by phase: its recipe's tasks (the same
     tasks the engine builds). `overlap`/`fused` updates run during backward, `after` ones after it."""
-    r = layer_recipe(cm, i, lp, 1, cpu_checkpointing, nnz_per_row)
+    r = layer_recipe(cm, i, lp, 1, cpu_checkpointing, nnz_per_row, slices)
     bwd = r.phase_busy("backward")
     post: dict = {}
     for k, v in r.phase_busy("update").items():

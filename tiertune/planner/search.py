@@ -3,9 +3,11 @@
 Stages, each recorded as {name, wall_s, iteration_s (engine), improved}; only engine numbers decide:
   seeds        the named baselines in the planner's space and the leanest uniform plan;
   slices       the seeds again at each activation_slices: the one the next stages search at;
-  cpsat-counts CP-SAT count model (how many layers of each kind take each choice), placed by rule;
+  cpsat-counts CP-SAT count model (how many layers of each kind take each choice), placed by rule,
+               solved again with what the engine found short kept free;
   cpsat-cycle  CP-SAT model of the steady-state step (planner/cycle.py), hinted with the best so far;
-  descent      coordinate descent on those counts;
+  descent      coordinate descent on those counts, from the best so far and from the other of the
+               seeds' best and the count model's placement;
   depth        the prefetch depth (0-3) and the activation slices (1-8), together;
   local        per-layer and pair moves;
   cpsat-cycle-refine  the cyclic model again at the chosen prefetch depth, hinted with the best;
@@ -35,10 +37,12 @@ from tiertune.planner.local import slice_choices
 from tiertune.simulator.recipe import layer_recipe
 from tiertune.planner.policies import POLICIES, PolicyInfeasible, make_policy
 from tiertune.schedule import ACTIVATIONS, LayerPlan, Plan, PlanGlobals
+from tiertune.vocab import TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
 DISAGREE = 0.05            # engine vs solver beyond this: say so and refine
 EXACT_LIMIT = 2048         # enumerate the whole space through the engine when it is this small
+COUNTS_ROUNDS = 6          # count-model solves, each with the engine's shortfall kept free
 REFINE_SHARE = 0.15        # of the time limit, kept for the last stage (the cyclic model from the best)
 MEMORY_LEAN = ("zero-infinity", "megatrain", "fuyou")   # policies that need the least GPU memory
 
@@ -166,6 +170,14 @@ class _Scorer:
         g = replace(self.template.globals, prefetch_depth=self.depth if depth is None else depth,
                     activation_slices=self.slices if slices is None else slices)
         return self.template.replace(globals=g).with_layers(tuple(layers))
+
+    def at_depth(self, layers, depth: int) -> tuple[float, object]:
+        """eval() at prefetch depth `depth`, leaving the scorer's own depth as it was."""
+        kept, self.depth = self.depth, depth
+        try:
+            return self.eval(layers)
+        finally:
+            self.depth = kept
 
     def set(self, plan: Plan) -> None:
         """Score at `plan`'s plan-wide settings from now on."""
@@ -377,11 +389,39 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
         at_slices[sl] = min((score(layers), k) for k, (layers, _) in enumerate(seeds))
     score.slices = min(at_slices, key=lambda sl: (at_slices[sl], sl))
     stage("slices", t1, seeds[at_slices[score.slices][1]][0], activation_slices=score.slices)
-    # (1) CP-SAT count model, placed on layers by rule
+    # (1) CP-SAT count model, placed on layers by rule, at the prefetch depth the engine runs it
+    # fastest. Its memory rows are sums: where the engine finds a placement short of memory (a
+    # prefetch in flight, the head's logits, a host step's working bytes), the shortfall is kept
+    # free and the model solved again.
     t1 = time.perf_counter()
-    counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, score.depth, min(5.0, 0.1 * time_limit_s),
-                                    hint=best or None)
-    stage("cpsat-counts", t1, cpsat.place(cm, choices, counts) if counts is not None else None, **_solver_fields(st))
+    seeded = (list(best), score.depth)       # the seeds' best: the descent's other start
+    margin = dict.fromkeys(TIERS, 0)
+    placed, placed_s, placed_depth = None, math.inf, score.depth
+    for rounds in range(1, COUNTS_ROUNDS + 1):
+        left = min(t1 + 0.1 * time_limit_s, stop_at()) - time.perf_counter()
+        if rounds > 1 and left < 0.1:
+            break
+        counts, st = cpsat.solve_counts(cm, choices, hw.gpu_mem_bytes, score.depth, min(5.0, max(0.1, left)),
+                                        hint=best or None, margin=margin, slices=score.slices)
+        if counts is None:
+            break
+        layers = cpsat.place(cm, choices, counts)
+        runs = {d: score.at_depth(layers, d) for d in DEPTHS}
+        depth = min(runs, key=lambda d: (runs[d][0], d))
+        if runs[depth][0] < placed_s:
+            placed, placed_s, placed_depth = layers, runs[depth][0], depth
+        # the shortest prefetch that does not fit says what the engine needs beyond the model's rows
+        short = next((sim for d, (s, sim) in sorted(runs.items()) if d and math.isinf(s)), None)
+        if short is None or short.error_tier is None:
+            break
+        # doubled: the model fills whatever it is given again, so a margin grown by the
+        # shortfall alone was used up by the next answer (gpt3-175b: 4 rounds of 0.35 GiB each)
+        margin[short.error_tier] = 2 * (margin[short.error_tier] + max(short.error_short_bytes, 0) + cpsat.MIB)
+    if math.isfinite(placed_s) and placed_s < best_s and placed_depth != score.depth:
+        score.depth = placed_depth             # the stages below search at the depth it runs best at
+        best_s = score(best)
+    stage("cpsat-counts", t1, placed, prefetch_depth=score.depth, rounds=rounds,
+          kept_free_mib={t: b // cpsat.MIB for t, b in margin.items() if b}, **_solver_fields(st))
     # (1a) the cyclic steady-state model over every choice, hinted with the best so far
     solver: dict = {}
     engine_vs_solver = None
@@ -404,16 +444,32 @@ def plan_schedule(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, time_
             engine_vs_solver = score(found[-1]) / st.objective_s - 1.0
         sol = min(found[-judged:], key=score) if found else None
         stage(name, t1, sol, **_solver_fields(st))
-    cycle("cpsat-cycle", 0.25)
+    cycle("cpsat-cycle", 0.10)
     if math.isinf(best_s):
         raise InputError(no_fit_message(model, train, hw))
     # (1b) a space small enough to enumerate (a few thousand engine runs at most) is enumerated
     if len(choices) ** len(cm.layers) <= EXACT_LIMIT:
         t1 = time.perf_counter()
         stage("enumerate", t1, list(min(itertools.product(choices, repeat=len(cm.layers)), key=score)))
-    # (2) coordinate descent on counts, engine-scored
+    # (2) coordinate descent on counts, engine-scored, from two starts: the best so far, and the
+    # seeds' best or the count model's placement, whichever that is not. They often lie in
+    # different basins (gpt3-13b at batch 1: weights resident and recomputed activations against
+    # weights streamed and activations kept), which single-layer moves do not cross.
     t1 = time.perf_counter()
-    stage("descent", t1, descend(best, choices, score, groups, min(t0 + 0.45 * time_limit_s, stop_at())))
+    other, other_depth = (seeded if best_from.startswith("cpsat") else (placed, placed_depth))
+    starts = [(list(best), score.depth)]
+    if other is not None and other != best and math.isfinite(score.at_depth(other, other_depth)[0]):
+        starts.append((list(other), other_depth))
+    end = min(t0 + 0.45 * time_limit_s, stop_at())
+    results = []
+    for k, (layers, depth) in enumerate(starts):
+        score.depth = depth
+        share = (end - time.perf_counter()) / (len(starts) - k)
+        found = descend(layers, choices, score, groups, time.perf_counter() + share)
+        results.append((score(found), k, found, depth))
+    _, _, found, score.depth = min(results)
+    best_s = score(best)                        # at the depth the descent's result runs best at
+    stage("descent", t1, found, starts=len(starts))
     # (3) prefetch depth (how far streamed weights and activations run ahead of their use) and
     # activation slices, together: a deeper prefetch needs room that thinner slices free
     def settings(name: str) -> None:

@@ -58,6 +58,7 @@ class SimResult:
     run: engine.EngineRun | None = field(default=None, repr=False)
     inputs: tuple | None = field(default=None, repr=False)      # (model, train, hw, plan)
     _trace: object = field(default=None, repr=False)
+    error_short_bytes: int = 0               # how many bytes the task that could not start lacked
 
     @property
     def meta(self) -> dict:
@@ -127,19 +128,19 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
     k = g.iterations
     inputs = (model, train, hw, plan)
 
-    def failed(msg: str, tier: str | None, peak: list[int], run=None) -> SimResult:
+    def failed(msg: str, tier: str | None, peak: list[int], short: int = 0) -> SimResult:
         return SimResult(False, math.inf, 0.0, 0.0, dict(zip(TIERS, peak)), {r: 0.0 for r in RESOURCES}, "none",
-                         len(g), time.perf_counter() - t0, msg, tier, g, run, inputs)
+                         len(g), time.perf_counter() - t0, msg, tier, g, None, inputs, error_short_bytes=short)
 
     for tier, need, cap in zip(TIERS, g.resident, g.capacity):
         if need > cap:
             what = "GPU-resident state" if tier == "gpu" else f"state homed on {tier}"
             return failed(f"does not fit in {tier} memory: {what} needs {need / GiB:.2f} GiB "
-                          f"but the capacity is {cap / GiB:.2f} GiB", tier, list(g.resident))
+                          f"but the capacity is {cap / GiB:.2f} GiB", tier, list(g.resident), need - cap)
     try:
         run = engine.run(g)
     except engine.SimStall as exc:
-        return failed(str(exc), exc.tier, list(g.resident))
+        return failed(str(exc), exc.tier, list(g.resident), exc.needed - exc.available)
 
     ends = [0.0] * k                       # when each iteration's last task ends
     busy = [0.0] * len(RESOURCES)          # work per resource over the steady iterations
