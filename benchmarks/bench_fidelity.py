@@ -162,7 +162,7 @@ def summary(df: pd.DataFrame) -> dict:
             "tau_all": kendall_tau(list(df["measured_s"]), list(df["predicted_s"]))}
 
 
-def validate_policies(models: list[str], steps: int, out: Path) -> int:
+def validate_policies(models: list[str], steps: int, out: Path, traces: Path | None = None) -> int:
     """`tiertune validate --model M --policy P --steps N` for every named policy on each model, as a
     user runs it: the default profile (`calibrate --quick` measured at the start of each run, no
     trace of the plan). Prints and writes fidelity_validate.csv: measured and predicted iteration
@@ -186,8 +186,12 @@ def validate_policies(models: list[str], steps: int, out: Path) -> int:
                 rc = cli(["validate", "--model", model, "--policy", policy, "--steps", str(steps), "--json",
                           "--trace-dir", tmp])
                 if rc == 0:
-                    val = compare(Trace.load(Path(tmp) / "measured.json"), Trace.load(Path(tmp) / "predicted.json"))
-                    kinds.append(val.per_kind.assign(model=model, policy=policy))
+                    meas, pred = Trace.load(Path(tmp) / "measured.json"), Trace.load(Path(tmp) / "predicted.json")
+                    kinds.append(compare(meas, pred).per_kind.assign(model=model, policy=policy))
+                    if traces is not None:
+                        traces.mkdir(parents=True, exist_ok=True)
+                        meas.save(traces / f"{model}-{policy}-measured.json")
+                        pred.save(traces / f"{model}-{policy}-predicted.json")
             row = {"model": model, "policy": policy, "load": load}
             if rc == 0:
                 res = json.loads(stdout.getvalue())
@@ -222,13 +226,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--planner-s", type=float, default=10.0, help="time limit of the planner per model")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--traces", metavar="DIR", help="also write every measured trace here (Perfetto JSON)")
+    ap.add_argument("--traces", metavar="DIR", help="also write every measured trace here (Perfetto JSON); with --validate, each run's "
+                    "measured and predicted trace")
     ap.add_argument("--validate", nargs="+", metavar="MODEL",
                     help="instead: `tiertune validate` with the default profile, every named policy on each model")
     args = ap.parse_args()
     if args.validate:
         torch.set_num_threads(args.threads)
-        return validate_policies(args.validate, args.steps, Path(args.out))
+        return validate_policies(args.validate, args.steps, Path(args.out),
+                                     Path(args.traces) if args.traces else None)
     if args.rounds < 2 or args.steps < 3:
         ap.error("--rounds must be >= 2 (fit on one, evaluate on another) and --steps >= 3")
     torch.set_num_threads(args.threads)

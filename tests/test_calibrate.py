@@ -11,7 +11,7 @@ import pytest
 from tiertune.cli import main
 from tiertune.hardware import load_hardware
 from tiertune.simulator.costs import COPY_LATENCY_S, KERNEL_LATENCY_S, SSD_LATENCY_S
-from tiertune.traces.calibrate import efficiency_curve, isotonic
+from tiertune.traces.calibrate import efficiency_curve, isotonic, layer_bench_spec, layer_constants, sparse_rate
 from tiertune.traces.fit import fit_profile
 from tiertune.traces.trace import Trace
 
@@ -40,6 +40,86 @@ def test_quick_calibration_loads_with_plausible_numbers(quick_profile):
     assert hw.cpu_mem_bytes > hw.gpu_mem_bytes > 0                  # default budget: a quarter of RAM
     assert hw.cpu_cores >= 1 and hw.ssd_count == 1 and hw.ssd_capacity_bytes > 0
     assert "memcpy" in hw.description and "SSD:" in hw.description
+
+
+def test_quick_calibration_measures_each_architectures_activation_rate_and_a_backward_factor(quick_profile):
+    hw = load_hardware(str(quick_profile))
+    assert set(hw.activation_bps) == {"llama", "gpt"}
+    assert all(1e6 < r < 1e12 for r in hw.activation_bps.values())
+    assert 0.5 < hw.backward_factor < 6
+
+
+@pytest.mark.parametrize("rates, factor", [({"llama": 2e9, "gpt": 1e9}, 1.7), ({"llama": 5e8, "gpt": 3e9}, 2.4)])
+def test_layer_constants_recover_the_rate_and_factor_the_timings_were_made_with(rates, factor):
+    """Timings of the layer benchmark's blocks made by the cost model itself, with a fixed cost per
+    task on top: the activation rate per arch and the backward factor come back."""
+    from tiertune.simulator.costs import CostModel
+
+    base = load_hardware("lsp-4090").replace(task_overheads={}, gpu_task_overhead_s=0.0)
+    true = base.replace(activation_bps=rates, backward_factor=factor)
+    layers = []
+    for arch in rates:
+        for h in (32, 128, 256):
+            spec, train = layer_bench_spec(arch, h, 64, "fp32")
+            cm = CostModel(spec, train, true)
+            layers.append((spec, train, 300e-6 + cm.forward_s(1), 500e-6 + cm.backward_s(1)))
+    got, got_factor, notes = layer_constants(layers, base)
+    assert got == pytest.approx(rates, rel=1e-6)
+    assert got_factor == pytest.approx(factor, rel=1e-6)
+    assert any("activations GB/s" in n for n in notes)
+
+
+def test_a_block_whose_time_does_not_grow_with_its_activations_keeps_memory_bandwidth():
+    base = load_hardware("lsp-4090")
+    layers = [(*layer_bench_spec("llama", h, 64, "fp32"), 1e-3, 2e-3) for h in (32, 128, 256)]
+    rates, factor, notes = layer_constants(layers, base)
+    assert rates == {} and any("memory bandwidth" in n for n in notes)
+
+
+def test_activations_are_charged_at_their_architectures_rate_else_at_memory_bandwidth():
+    from tiertune.simulator.costs import CostModel
+
+    hw = load_hardware("lsp-4090")
+    spec, train = layer_bench_spec("gpt", 128, 64, "fp32")
+    lc = CostModel(spec, train, hw).layers[1]
+    assert CostModel(spec, train, hw).activation_part_s(lc) == pytest.approx(lc.act_bytes / hw.gpu_mem_bw_bps)
+    slow = hw.replace(activation_bps={"gpt": 1e9, "llama": 5e9})
+    assert CostModel(spec, train, slow).activation_part_s(lc) == pytest.approx(lc.act_bytes / 1e9)
+    assert CostModel(spec, train, slow).forward_s(1) > CostModel(spec, train, hw).forward_s(1)
+
+
+def test_sparse_rate_recovers_the_flops_the_timings_were_made_with_and_compress_charges_it():
+    from tiertune.simulator.costs import CostModel
+
+    hw = load_hardware("lsp-4090")
+    samples = []
+    for h in (128, 256):
+        spec, train = layer_bench_spec("llama", h, 64, "fp32")
+        samples.append((spec, train, h // 2, 4, 200e-6 + CostModel(spec, train, hw).compress_flops(1, h // 2, 4) / 3e9))
+    rate = sparse_rate(samples, hw)
+    assert rate == pytest.approx(3e9, rel=1e-6)
+    spec, train = layer_bench_spec("llama", 256, 64, "fp32")
+    cm = CostModel(spec, train, hw.replace(sparse_flops=rate))
+    assert cm.compress_s(1, 128, 4) == pytest.approx(KERNEL_LATENCY_S + cm.compress_flops(1, 128, 4) / 3e9)
+    assert cm.decompress_s(1, 128, 4) == cm.compress_s(1, 128, 4)
+    assert sparse_rate(samples[:1], hw) is None
+
+
+def test_quick_calibration_measures_the_executors_sparse_products(quick_profile):
+    hw = load_hardware(str(quick_profile))
+    assert 1e6 < hw.sparse_flops < hw.gpu_flops["fp32"]
+
+
+def test_activation_rates_round_trip_through_toml_and_a_bad_table_is_one_clear_error(tmp_path, capsys):
+    hw = load_hardware("lsp-4090").replace(activation_bps={"llama": 2.5e9, "gpt": 1.25e9}, sparse_flops=3e9)
+    path = tmp_path / "p.toml"
+    path.write_text(hw.to_toml())
+    back = load_hardware(str(path))
+    assert back.activation_bps == pytest.approx(hw.activation_bps) and back.sparse_flops == pytest.approx(3e9)
+    path.write_text(hw.to_toml().replace("llama = 2.5", "llama = -2.5"))
+    rc = main(["simulate", "--model", "tiny-llama", "--policy", "gpu-only", "--hardware", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "activation_gbps" in err, err
 
 
 def test_quick_calibration_tables_ascend(quick_profile):

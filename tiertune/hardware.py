@@ -92,6 +92,18 @@ class HardwareProfile:
     # A layer's backward time over its forward time (overhead apart): 2 by FLOPs (input and weight
     # gradients); measured nearer 1.8 on a CPU. Refit from traces.
     backward_factor: float = 2.0
+    # Bytes of a layer's activations per second that its operations other than the matmuls (norms,
+    # activation functions, rotary embedding, the attention kernel beyond its matmul FLOPs, residual
+    # adds) get through, per architecture (ModelSpec.arch), as the runtime runs them. An arch not
+    # listed streams its activations once at gpu_mem_bw_bps (presets: no public per-layer
+    # measurement). Measured by `tiertune calibrate` on the runtime's own blocks: on a CPU standing in
+    # for the GPU those operations move a small-llama block's activations at ~1.5 GB/s, not the
+    # ~18 GB/s of a streaming add, and a fresh profile predicted every forward ~20% short.
+    activation_bps: dict[str, float] = field(default_factory=dict)
+    # FLOP/s of LSP-Offload's sparse projections (a CSR matrix times a dense one) in the compute
+    # dtype; 0: SPARSE_EFFICIENCY of the dtype's peak (presets: no public measurement). Measured by
+    # `tiertune calibrate` with the executor's own compressor.
+    sparse_flops: float = 0.0
     # Fixed cost of one layer's optimizer update: the executor updates parameter by parameter, a
     # handful of elementwise ops each. 0 for presets (fused multi-tensor optimizers); calibrated.
     update_overhead_s: float = 0.0
@@ -128,6 +140,10 @@ class HardwareProfile:
     def capacity(self, tier: str) -> int:
         return {"gpu": self.gpu_mem_bytes, "cpu": self.cpu_mem_bytes,
                 "ssd": self.ssd_capacity_total_bytes}[tier]
+
+    def activation_rate(self, arch: str) -> float:
+        """activation_bps for a model architecture, memory bandwidth where none was measured."""
+        return self.activation_bps.get(arch, self.gpu_mem_bw_bps)
 
     def peak_flops(self, dtype: str) -> float:
         try:
@@ -172,6 +188,9 @@ class HardwareProfile:
             f"reserve_mib = {self.gpu_reserve_bytes / (1 << 20):.6g}",
             f"task_overhead_us = {self.gpu_task_overhead_s * 1e6:.6g}",
             f"backward_factor = {self.backward_factor:.6g}",
+            *([f"activation_gbps = {{ " + ", ".join(f"{k} = {v / GB:.6g}" for k, v in self.activation_bps.items()) + " }"]
+              if self.activation_bps else []),
+            *([f"sparse_tflops = {self.sparse_flops / 1e12:.6g}"] if self.sparse_flops else []),
             f"tflops = {{ {flops} }}",
             f"matmul_efficiency = {curve(self.matmul_efficiency)}",
             "", "[pcie]",
@@ -230,6 +249,15 @@ def _contention(table) -> dict[str, dict[str, float]]:
     return out
 
 
+def _activation_rates(table) -> dict[str, float]:
+    """gpu.activation_gbps of a profile TOML ({ arch = GB/s }), in bytes/s."""
+    if not isinstance(table, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                              for v in table.values()):
+        raise InputError(f"hardware profile: gpu.activation_gbps = {table!r}: expected a table like "
+                         f"{{ llama = 1.5 }} of positive GB/s per model architecture")
+    return {str(k): float(v) * GB for k, v in table.items()}
+
+
 def _task_overheads(table) -> dict[str, dict[str, float]]:
     """[task_overheads_us] of a profile TOML, in seconds."""
     if not isinstance(table, dict):
@@ -283,6 +311,8 @@ def profile_from_dict(d: dict, source: str = "preset") -> HardwareProfile:
         gpu_reserve_bytes=int(get("gpu", "reserve_mib", float, CUDA_CONTEXT_BYTES / (1 << 20)) * (1 << 20)),
         gpu_task_overhead_s=get("gpu", "task_overhead_us", float, 20.0) * 1e-6,
         backward_factor=get("gpu", "backward_factor", float, 2.0),
+        activation_bps=_activation_rates(d.get("gpu", {}).get("activation_gbps", {})),
+        sparse_flops=get("gpu", "sparse_tflops", float, 0.0) * 1e12,
         update_overhead_s=get("cpu", "update_overhead_us", float, 0.0) * 1e-6,
         h2d_bps=get("pcie", "h2d_gbps") * GB,
         d2h_bps=get("pcie", "d2h_gbps") * GB,

@@ -60,6 +60,9 @@ def describe(hw: HardwareProfile) -> str:
     return "\n".join([
         f"  device         {hw.gpu_name}: {hw.gpu_mem_bytes / GiB:.3g} GiB, memory {hw.gpu_mem_bw_bps / GB:.3g} GB/s",
         f"  matmul GFLOP/s {tf}; efficiency by FLOPs {hw.matmul_efficiency.to_list()}",
+        f"  layers         backward {hw.backward_factor:.3g} x forward; activations GB/s "
+        + (", ".join(f"{a} {r / GB:.3g}" for a, r in hw.activation_bps.items()) or "at memory bandwidth")
+        + (f"; LSP sparse products {hw.sparse_flops / 1e9:.3g} GFLOP/s" if hw.sparse_flops else ""),
         f"  copies GB/s    h2d {hw.h2d_bps / GB:.3g}, d2h {hw.d2h_bps / GB:.3g}, pageable x{hw.pageable_factor:.3g}, "
         f"duplex {hw.pcie_duplex}; efficiency by bytes {hw.pcie_efficiency.to_list()}",
         f"  host           {hw.cpu_name}, {hw.cpu_cores} cores, {hw.cpu_mem_bytes / GiB:.3g} GiB; "

@@ -216,6 +216,17 @@ class MatrixCompressor:
         return y.contiguous() if self.left_identity else self._sparse["P"] @ y
 
     @torch.no_grad()
+    def add_decompressed(self, w: Tensor, small: Tensor) -> None:
+        """w += P S Q^T in place: P (S Q^T) is accumulated into w by the sparse product itself
+        (addmm_) when w is in the compressor's dtype, with no m x n temporary to write and read back."""
+        if w.dtype != self.dtype or self.lossless or self.left_identity:
+            w.add_(self.decompress(small).to(device=w.device, dtype=w.dtype))
+            return
+        s = small.to(self.dtype)
+        y = s if self.right_identity else (self._sparse["Q"] @ s.T).T        # S Q^T, d x n
+        w.addmm_(self._sparse["P"], y)
+
+    @torch.no_grad()
     def relative_error(self, grad: Tensor) -> float:
         """||P P^T G Q Q^T - G||_F / ||G||_F (0 for a zero gradient)."""
         g = grad.to(self.dtype)
@@ -405,8 +416,9 @@ class LayerCompression:
             if self.weight_decay and (self.decay_vectors or w.dim() >= 2):
                 w.mul_(1 - self._lr * self.weight_decay)
             if k in self.key_of:
-                u = self.compressors[self.key_of[k]].decompress(u.to(w.device))
-            w.add_(u.to(device=w.device, dtype=w.dtype))
+                self.compressors[self.key_of[k]].add_decompressed(w, u.to(w.device))
+            else:
+                w.add_(u.to(device=w.device, dtype=w.dtype))
 
     @torch.no_grad()
     def observe(self, step: int, grads: dict[str, Tensor]) -> dict:

@@ -19,6 +19,9 @@ KERNEL_LATENCY_S = 20e-6      # default per-layer launch overhead (HardwareProfi
 # AdaLomo (a matrix: factored moment): g*g 2, +eps 2, row and column means 1 + 1, outer product
 # 1, times g 3, RMS of the update 1, clip div_ 2, RMS of the weight 1, add_ 3.
 UPDATE_PASSES = {"adamw": 20, "sgd": 3, "adalomo": 17}
+# LSP's sparse projections on a profile that did not measure them (HardwareProfile.sparse_flops):
+# this fraction of the dtype's dense peak.
+SPARSE_EFFICIENCY = 0.3
 
 
 class CostModel:
@@ -42,11 +45,18 @@ class CostModel:
         if lc.kind == "embed":
             return self.hw.gpu_task_overhead_s + lc.act_bytes / self.hw.gpu_mem_bw_bps + \
                 self._tokens * self.model.hidden * self.train.elem_bytes / self.hw.gpu_mem_bw_bps
+        return self.hw.gpu_task_overhead_s + self.matmul_part_s(lc) + self.activation_part_s(lc)
+
+    def matmul_part_s(self, lc: LayerCost) -> float:
+        """A layer's forward matmuls, each at its own size-dependent efficiency, and the attention
+        scores and weighted sum (the FLOPs that are not the weights') at the efficiency of their total."""
         mats = sum(self._matmul_s(2.0 * self._tokens * o * i) for o, i in lc.matrices)
-        other_flops = lc.fwd_flops - sum(2.0 * self._tokens * o * i for o, i in lc.matrices)
-        attention = self._matmul_s(other_flops)
-        elementwise = lc.act_bytes / self.hw.gpu_mem_bw_bps
-        return self.hw.gpu_task_overhead_s + mats + attention + elementwise
+        return mats + self._matmul_s(lc.fwd_flops - sum(2.0 * self._tokens * o * i for o, i in lc.matrices))
+
+    def activation_part_s(self, lc: LayerCost) -> float:
+        """The rest of a layer's forward (norms, activation functions, softmax, residual adds): its
+        activation bytes at the rate the profile measured for the architecture (activation_bps)."""
+        return lc.act_bytes / self.hw.activation_rate(self.model.arch)
 
     def forward_s(self, layer: int) -> float:
         return self._fwd_s[layer]
@@ -160,13 +170,19 @@ class CostModel:
         master = self.train.master_bytes * lc.params
         return (lc.optim_bytes - master) * self.compressed_params(layer, rank) // max(lc.params, 1)
 
+    def compress_flops(self, layer: int, rank: int, nnz_per_row: int) -> float:
+        """FLOPs of P^T G Q over a layer's matrices with (d, r)-sparse P, Q: 2*m*n*r + 2*m*d*r each."""
+        return sum(2.0 * o * i * nnz_per_row + 2.0 * o * rank * nnz_per_row for o, i in self.layers[layer].matrices)
+
     def compress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:
-        """GPU time to form P^T G Q with (d, r)-sparse P, Q: reads G once, 2*m*n*r + 2*m*d*r FLOPs."""
+        """GPU time to form P^T G Q with (d, r)-sparse P, Q: reads G once, compress_flops at the
+        profile's sparse-product rate."""
         lc = self.layers[layer]
-        flops = sum(2.0 * o * i * nnz_per_row + 2.0 * o * rank * nnz_per_row for o, i in lc.matrices)
         read = sum(o * i for o, i in lc.matrices) * self.train.elem_bytes
-        return KERNEL_LATENCY_S + max(flops / (self._peak * 0.3), read / self.hw.gpu_mem_bw_bps)
+        rate = self.hw.sparse_flops or self._peak * SPARSE_EFFICIENCY
+        return KERNEL_LATENCY_S + max(self.compress_flops(layer, rank, nnz_per_row) / rate,
+                                      read / self.hw.gpu_mem_bw_bps)
 
     def decompress_s(self, layer: int, rank: int, nnz_per_row: int) -> float:
-        """GPU time to apply P U Q^T to the weights: the same work as compressing."""
+        """GPU time to add P U Q^T to the weights in place: the same work as compressing."""
         return self.compress_s(layer, rank, nnz_per_row)

@@ -4,10 +4,17 @@ Each constant the cost model reads is measured over a range of sizes, so the pro
 measured size-dependent efficiency tables (Calculon's form) besides the peaks:
 
 - matmul FLOP/s per dtype at transformer-layer shapes (tokens x hidden x {hidden, 4*hidden});
-- host<->device copies (pinned and pageable) from 64 KiB to 256 MiB;
+- host<->device copies (pinned and pageable) from 64 KiB to 256 MiB, each between buffers the
+  last copies did not touch (as the executor's copies move another layer's tensors every time);
 - device memory bandwidth (a large elementwise add);
 - SSD read/write under an offload directory, with the page cache bypassed (O_DIRECT) or dropped;
 - CPU AdamW / SGD throughput in params/s of the executor's own per-parameter update;
+- a layer's forward and backward: the executor's own transformer block of each architecture at a
+  few widths, at the executor's shapes (batch 4 x 64 tokens in --quick): what its operations other
+  than the matmuls take per activation byte (HardwareProfile.activation_bps) and its backward over
+  its forward (backward_factor), each net of the matmul time the profile's own tables charge and
+  of a fixed cost per task (the probe below measures that one in the executor);
+- LSP-Offload's sparse projections (CSR x dense) with the executor's own compressor (sparse_flops);
 - contention: how much the device's compute and the CPU optimizer slow each other down when they
   run at once (a block's forward and backward beside the executor's CPU AdamW thread, and the
   reverse; on a CPU standing in for the GPU they share cores, caches and the GIL);
@@ -27,6 +34,7 @@ warm-up (`mean_time`); the SSD's, the median.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import platform
@@ -51,6 +59,8 @@ from tiertune.workload import ModelSpec, TrainSpec, layer_costs
 KiB, MiB = 1 << 10, 1 << 20
 ALIGN = 4096                      # O_DIRECT needs buffers, offsets and lengths aligned to the block size
 SSD_CHUNK = 8 * MiB               # one request of a request stream (DeepSpeed AIO uses 1-8 MiB blocks)
+COPY_WORKING_SET = 256 * MiB      # copies cycle through this many bytes: more than a server CPU's last-level cache
+LAYER_BATCH = 4                   # sequences per block in the layer benchmark (tiertune validate's default batch)
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,9 @@ class Settings:
     membw_bytes: int
     ssd_sizes: tuple[int, ...]
     optim_params: int
+    layer_hiddens: tuple[int, ...]  # widths of the blocks timed for the activation rate and backward factor
+    layer_seq: int                  # their sequence length (batch LAYER_BATCH)
+    layer_budget_s: float           # rounds of the layer benchmark stop after this (at least `repeats`)
     probe_steps: int              # steady steps of each probe plan (the runtime's per-task costs)
     contention_rounds: int        # alternations of alone / beside in the contention benchmark
     repeats: int
@@ -76,12 +89,14 @@ def settings_for(device: str, quick: bool) -> Settings:
         # run at. Smaller sizes alone leave the peak to a cache-resident matmul and copy, and the
         # simulator then misjudged layer times by 10-20% in either direction (bench_fidelity.py).
         return Settings(hiddens=(128, 256, 512), tokens=256, copy_sizes=pow2(16, 25, 3), membw_bytes=64 * MiB,
-                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, probe_steps=8, contention_rounds=3, repeats=3, call_budget_s=0.05)
+                        ssd_sizes=(256 * KiB, 4 * MiB), optim_params=1 << 20, layer_hiddens=(32, 128, 256),
+                        layer_seq=64, layer_budget_s=1.0, probe_steps=8, contention_rounds=3, repeats=3, call_budget_s=0.05)
     gpu = device == "cuda"
     return Settings(hiddens=(1024, 2048, 4096, 8192) if gpu else (256, 512, 1024, 2048),
                     tokens=4096 if gpu else 512, copy_sizes=pow2(16, 28), membw_bytes=(1 << 30) if gpu else 256 * MiB,
                     ssd_sizes=(256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB),
-                    optim_params=16 << 20, probe_steps=12, contention_rounds=5, repeats=5, call_budget_s=1.0)
+                    optim_params=16 << 20, layer_hiddens=(64, 1024, 2048) if gpu else (32, 256, 512),
+                    layer_seq=1024 if gpu else 128, layer_budget_s=5.0, probe_steps=12, contention_rounds=5, repeats=5, call_budget_s=1.0)
 
 
 @dataclass
@@ -96,6 +111,10 @@ class Measurements:
     ssd_duplex: bool = False        # a read and a write on two threads overlap
     adam_params_per_s: float = 0.0
     sgd_params_per_s: float = 0.0
+    # (ModelSpec, TrainSpec, d, r, seconds) of compressing a block's gradients and adding its update (mean of the two)
+    sparse: list[tuple[ModelSpec, TrainSpec, int, int, float]] = field(default_factory=list)
+    # (ModelSpec, TrainSpec, forward seconds, backward seconds) of one block per architecture and width
+    layers: list[tuple[ModelSpec, TrainSpec, float, float]] = field(default_factory=list)
     # the executor's fixed cost per task: {"<kind>.<resource>[.<what>]": {layer kind: seconds}}
     task_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
     probe_steps: int = 0                # steady steps each probe plan ran
@@ -242,19 +261,27 @@ class Bench:
             self.m.matmul.append((dtype, flops, secs))
 
     def copies(self) -> None:
-        """h2d/d2h with `copy_(non_blocking=True)`, pinned (reused buffers) and pageable."""
+        """h2d/d2h with `copy_(non_blocking=True)`, pinned (reused buffers) and pageable. Each call
+        copies the next slice of a COPY_WORKING_SET-byte pair of buffers, so that neither end is in
+        the caches from the call before: the executor's copies move a different layer's weights,
+        gradients or activations every time. Copying one buffer over and over measured 16-20 GB/s
+        on a 2-core EPYC with a 32 MiB L3, where the executor's activation copies of 5 MB got 3-8."""
         torch = self.torch
-        big = max(self.s.copy_sizes)
-        dev = torch.empty(big, dtype=torch.uint8, device=self.device)
+        span = max(COPY_WORKING_SET, 2 * max(self.s.copy_sizes))
+        dev = torch.empty(span, dtype=torch.uint8, device=self.device)
         dev.fill_(1)
-        hosts = {False: torch.ones(big, dtype=torch.uint8)}
+        hosts = {False: torch.ones(span, dtype=torch.uint8)}
         if self.cuda:
-            hosts[True] = torch.ones(big, dtype=torch.uint8, pin_memory=True)   # allocated once, reused
+            hosts[True] = torch.ones(span, dtype=torch.uint8, pin_memory=True)   # allocated once, reused
         for pinned, host in hosts.items():
             for n in self.s.copy_sizes:
-                h, d = host[:n], dev[:n]
-                self.m.copies.append(("h2d", pinned, n, self.time(lambda: d.copy_(h, non_blocking=True))))
-                self.m.copies.append(("d2h", pinned, n, self.time(lambda: h.copy_(d, non_blocking=True))))
+                offsets = itertools.cycle(range(0, span - n + 1, n))
+
+                def copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+                    at = next(offsets)
+                    dst[at:at + n].copy_(src[at:at + n], non_blocking=True)
+                self.m.copies.append(("h2d", pinned, n, self.time(lambda: copy(host, dev))))
+                self.m.copies.append(("d2h", pinned, n, self.time(lambda: copy(dev, host))))
                 yield
 
     def duplex(self) -> bool:
@@ -311,6 +338,77 @@ class Bench:
             setattr(self.m, f"{'adam' if name == 'adamw' else name}_params_per_s", n / secs)
         self.m.notes.append(f"CPU adamw/sgd: the executor's per-parameter update on {torch.get_num_threads()} threads")
 
+
+    def layers(self) -> None:
+        """The executor's own block (executor/models.py) of each architecture at the widths
+        `layer_hiddens`, LAYER_BATCH x `layer_seq` tokens, in the executor's compute dtype: mean
+        seconds of its forward with autograd recording (as the executor runs it) and of its backward
+        to the input and weight gradients. Widths alternate within each round, so load that drifts
+        over the benchmark reaches all of them alike. `layer_constants` turns them into the profile's
+        activation rate and backward factor."""
+        from tiertune.executor.models import build_model
+
+        torch, sync = self.torch, self.sync
+        dtype = "bf16" if self.cuda else "fp32"
+        cases = []
+        for arch in ARCHS:
+            for h in self.s.layer_hiddens:
+                spec, train = layer_bench_spec(arch, h, self.s.layer_seq, dtype)
+                block = build_model(spec, 0)[1].to(self.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+                x = torch.randn(LAYER_BATCH, self.s.layer_seq, h, device=self.device, dtype=block.norm1.weight.dtype,
+                                requires_grad=True)
+                cases.append((spec, train, block, x, [], []))
+
+        def once(block, x, fwd: list, bwd: list | None) -> None:
+            t0 = time.perf_counter()
+            y = block(x)
+            sync()
+            t1 = time.perf_counter()
+            y.backward(torch.ones_like(y))
+            sync()
+            if bwd is not None:
+                fwd.append(t1 - t0)
+                bwd.append(time.perf_counter() - t1)
+            x.grad = None
+            block.zero_grad(set_to_none=True)
+
+        for _ in range(2):                                   # warm-up
+            for _, _, block, x, f, b in cases:
+                once(block, x, f, None)
+        end = time.perf_counter() + self.s.layer_budget_s
+        for k in range(self.s.repeats * 4):
+            for _, _, block, x, f, b in cases:
+                once(block, x, f, b)
+            if k >= self.s.repeats and time.perf_counter() > end:
+                break
+        self.m.layers = [(spec, train, float(np.mean(f)), float(np.mean(b))) for spec, train, _, _, f, b in cases]
+        self.m.notes.append(f"activation rate and backward factor: the executor's {'/'.join(ARCHS)} blocks "
+                            f"{'/'.join(map(str, self.s.layer_hiddens))} wide, {LAYER_BATCH}x{self.s.layer_seq} tokens")
+
+    def sparse_products(self) -> None:
+        """LSP-Offload's device work as the executor does it (executor/compress.py): a Llama block's
+        gradients compressed to d x d (S = P^T G Q) and a d x d update added to its weights in place
+        (W += P U Q^T), d = width / 2 and r = 4 non-zeros per projector row (the lsp-offload
+        policy's choice), at the two largest `layer_hiddens` widths. `sparse_rate` turns them into
+        the profile's sparse-product FLOP/s."""
+        from tiertune.executor.compress import LayerCompression
+        from tiertune.executor.models import build_model
+
+        torch = self.torch
+        for h in self.s.layer_hiddens[-2:]:
+            spec, train = layer_bench_spec("llama", h, self.s.layer_seq, "fp32")
+            named = {n: p for n, p in build_model(spec, 0)[1].to(self.device).named_parameters()}
+            rank, nnz = max(1, h // 2), 4
+            lc = LayerCompression({n: tuple(p.shape) for n, p in named.items()}, rank, nnz, device=self.device,
+                                  cpu_device=self.device)
+            grads = {n: torch.randn_like(p) for n, p in named.items()}
+            small = lc.compress_grads(grads)
+            weights = {n: p.detach() for n, p in named.items()}
+            both = self.time(lambda: lc.compress_grads(grads), budget_s=0.5) \
+                + self.time(lambda: lc.apply(weights, small), budget_s=0.5)
+            self.m.sparse.append((spec, train, rank, nnz, both / 2))
+        self.m.notes.append(f"sparse products: the executor's LSP compressor on Llama blocks "
+                            f"{'/'.join(map(str, self.s.layer_hiddens[-2:]))} wide, d = width / 2, r = 4")
 
     def contention(self) -> None:
         """How much the device's compute, the CPU optimizer and the copies slow each other down when
@@ -431,6 +529,74 @@ class Bench:
         self.m.notes.append(f"per-task fixed costs: the executor on a {PROBE_MODEL.hidden}-wide "
                             f"{PROBE_MODEL.n_layers}-block {PROBE_MODEL.arch}, {len(PROBE_PLANS)} plans, "
                             f"{self.s.probe_steps} steps each")
+
+
+# --- a layer's activation rate and backward factor -----------------------------------------------------
+ARCHS = ("llama", "gpt")          # ModelSpec.arch: the block families the executor builds
+
+
+def layer_bench_spec(arch: str, hidden: int, seq: int, dtype: str) -> tuple[ModelSpec, TrainSpec]:
+    """One block of `arch`, `hidden` wide, in the executor's layouts: heads of 32 (at least 2), a
+    Llama's kv heads half of them and its SwiGLU 8/3 x hidden (a multiple of 8), a GPT's MLP 4 x."""
+    heads = max(2, hidden // 32)
+    llama = arch == "llama"
+    spec = ModelSpec(name=f"calibrate-{arch}-{hidden}", arch=arch, vocab_size=256, hidden=hidden, n_layers=1,
+                     n_heads=heads, n_kv_heads=heads // 2 if llama else heads,
+                     ffn_hidden=(8 * hidden // 3 + 7) // 8 * 8 if llama else 4 * hidden, max_seq_len=seq, bias=not llama)
+    return spec, TrainSpec(batch=LAYER_BATCH, seq_len=seq, dtype=dtype, optimizer="adamw")
+
+
+def layer_constants(layers: list[tuple[ModelSpec, TrainSpec, float, float]],
+                    hw: HardwareProfile) -> tuple[dict[str, float], float | None, list[str]]:
+    """(activation_bps per arch, backward_factor, notes) from the layer benchmark's timings.
+
+    Per arch, least squares over the widths of forward - matmul part = a + act_bytes / rate, the
+    matmul part as `hw`'s cost model charges it and `a` a fixed cost per task (the probe measures
+    the executor's own); then backward = b + factor x (matmul part + act_bytes / rate), the cost
+    model's backward. The factor is the mean over the archs. An arch whose timings do not grow with
+    its activations (rate not positive) keeps memory bandwidth, and says so."""
+    from tiertune.simulator.costs import CostModel
+
+    rates: dict[str, float] = {}
+    factors: list[float] = []
+    notes: list[str] = []
+    for arch in ARCHS:
+        rows = [(CostModel(spec, train, hw), fwd, bwd) for spec, train, fwd, bwd in layers if spec.arch == arch]
+        if len(rows) < 2:
+            continue
+        mats = np.array([cm.matmul_part_s(cm.layers[1]) for cm, _, _ in rows])
+        acts = np.array([float(cm.layers[1].act_bytes) for cm, _, _ in rows])
+        fwd = np.array([f for _, f, _ in rows])
+        bwd = np.array([b for _, _, b in rows])
+        _, inv = np.linalg.lstsq(np.column_stack([np.ones(len(rows)), acts]), fwd - mats, rcond=None)[0]
+        if inv <= 0:
+            notes.append(f"{arch} block: forward time did not grow with activations beyond its matmuls; "
+                         f"activations at memory bandwidth")
+            continue
+        rates[arch] = 1.0 / float(inv)
+        _, factor = np.linalg.lstsq(np.column_stack([np.ones(len(rows)), mats + acts * inv]), bwd, rcond=None)[0]
+        if factor > 0:
+            factors.append(float(factor))
+    if rates:
+        notes.append("activations GB/s " + ", ".join(f"{a} {r / 1e9:.3g}" for a, r in rates.items()))
+    factor = float(np.mean(factors)) if factors else None
+    if factor is not None:
+        notes.append(f"backward {factor:.3g} x forward")
+    return rates, factor, notes
+
+
+def sparse_rate(samples: list[tuple[ModelSpec, TrainSpec, int, int, float]], hw: HardwareProfile) -> float | None:
+    """FLOP/s of the sparse products from the benchmark's widths: seconds = a + compress_flops / rate
+    (CostModel.compress_flops, `a` a fixed cost per task, which the probe measures in the executor);
+    None when the time did not grow with the FLOPs."""
+    from tiertune.simulator.costs import CostModel
+
+    if len(samples) < 2:
+        return None
+    flops = np.array([CostModel(spec, train, hw).compress_flops(1, rank, nnz) for spec, train, rank, nnz, _ in samples])
+    secs = np.array([t for *_, t in samples])
+    _, inv = np.linalg.lstsq(np.column_stack([np.ones(len(flops)), flops]), secs, rcond=None)[0]
+    return 1.0 / float(inv) if inv > 0 else None
 
 
 # --- the runtime's fixed cost per task -------------------------------------------------------------------
@@ -720,7 +886,7 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
     bench = Bench(device, s)
     m = bench.m
     dtypes = bench.dtypes()
-    steps = len(dtypes) + len(s.copy_sizes) * (2 if device == "cuda" else 1) + 1 + len(s.ssd_sizes) + 2
+    steps = len(dtypes) + len(s.copy_sizes) * (2 if device == "cuda" else 1) + 1 + len(s.ssd_sizes) + 3
     with tqdm(total=steps, desc="calibrate", file=sys.stderr, disable=not progress, leave=False) as bar:
         for dt in dtypes:
             bar.set_postfix_str(f"matmul {dt}")
@@ -741,6 +907,10 @@ def calibrate(device: str | None = None, offload_dir: str | Path | None = None, 
             ssd_capacity = shutil.disk_usage(where).free
             bar.set_postfix_str("cpu optimizers")
             bench.optimizers()
+            bar.set_postfix_str("layers")
+            bench.layers()
+            bench.sparse_products()
+            bar.update()
             bar.set_postfix_str("contention")
             bench.contention()
             bar.update()
@@ -800,7 +970,7 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
                      f"({'--device-mem' if device_mem_gib is not None else 'default: a quarter of host RAM'})")
     notes += m.notes
     desc = f"measured by tiertune calibrate on {platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')}; " + "; ".join(notes)
-    return HardwareProfile(
+    prof = HardwareProfile(
         name=name or f"local-{device}",
         description=_plain(desc),
         gpu_name=_plain(gpu_name),
@@ -826,3 +996,10 @@ def build_profile(m: Measurements, device: str, duplex: bool, ssd_capacity: int,
         contention=m.contention,
         source="calibrated",
     )
+    # the layer's non-matmul rate and backward factor, net of the matmul time this profile charges
+    rates, factor, layer_notes = layer_constants(m.layers, prof)
+    sparse = sparse_rate(m.sparse, prof)
+    if sparse:
+        layer_notes.append(f"sparse products {sparse / 1e9:.3g} GFLOP/s")
+    return prof.replace(activation_bps=rates, backward_factor=factor or prof.backward_factor, sparse_flops=sparse or 0.0,
+                        description=_plain("; ".join([desc, *layer_notes])))

@@ -187,8 +187,8 @@ class ComputeRows:
     """One trace's compute events as rows of the linear model the cost model implies:
     duration = overhead + scale * m + e, where `m` is the task's matmul seconds at the base profile
     (forward-equivalent: a backward's is its forward's) and `e` the part the peak does not scale
-    (elementwise work at memory bandwidth; a backward's is its forward's, times the backward
-    factor). For a backward, scale = backward_factor / peak-scale; otherwise 1 / peak-scale."""
+    (the layer's other operations at the profile's activation rate, CostModel.activation_part_s; a
+    backward's is its forward's, times the backward factor). For a backward, scale = backward_factor / peak-scale; otherwise 1 / peak-scale."""
 
     events: pd.DataFrame
     backward: np.ndarray             # bool: the row is a backward (scaled by the backward factor)
@@ -207,7 +207,7 @@ def _compute_samples(ev: pd.DataFrame, hw: HardwareProfile, dtype: str, cm=None)
     if cm is not None and len(gpu) and gpu["layer"].between(0, len(cm.layers) - 1).all():
         embed = gpu["layer"].map(lambda i: cm.layers[int(i)].kind == "embed").to_numpy(bool)
         back = (gpu["kind"].to_numpy() == "backward") & ~embed        # embedding backward = its forward
-        e = np.array([cm.layers[int(i)].act_bytes / hw.gpu_mem_bw_bps for i in gpu["layer"]])
+        e = np.array([cm.activation_part_s(cm.layers[int(i)]) for i in gpu["layer"]])
         m = np.array([cm.forward_s(int(i)) - o for i in gpu["layer"]]) - e
         m = np.where(embed, 0.0, m)
         e = np.where(embed, np.array([cm.forward_s(int(i)) - o for i in gpu["layer"]]), e)
