@@ -43,9 +43,12 @@ def test_quick_calibration_loads_with_plausible_numbers(quick_profile):
 
 
 def test_quick_calibration_measures_each_architectures_activation_rate_and_a_backward_factor(quick_profile):
+    """Each architecture gets a measured rate, or (timings that did not grow with the activations,
+    as a burst of load from other processes can make them) memory bandwidth and a note saying so."""
     hw = load_hardware(str(quick_profile))
-    assert set(hw.activation_bps) == {"llama", "gpt"}
-    assert all(1e6 < r < 1e12 for r in hw.activation_bps.values())
+    for arch in ("llama", "gpt"):
+        assert arch in hw.activation_bps or f"{arch} block: forward time did not grow" in hw.description
+    assert hw.activation_bps and all(1e6 < r < 1e12 for r in hw.activation_bps.values())
     assert 0.5 < hw.backward_factor < 6
 
 
