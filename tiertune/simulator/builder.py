@@ -41,7 +41,7 @@ from tiertune.simulator.recipe import keeps_last_weights, passes as recipe_passe
 from tiertune.vocab import LINKS, CPU, D2H, GPU, H2D, RESOURCES, SSD_READ, SSD_WRITE, TIERS
 from tiertune.workload import ModelSpec, TrainSpec
 
-MANY_TIERS = 3          # alloc_tier / free_tier of a task that allocates or frees on several tiers
+MANY_TIERS = -2         # alloc_tier / free_tier of a task that allocates or frees on several tiers
 
 
 @dataclass

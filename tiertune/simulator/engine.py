@@ -104,22 +104,21 @@ def run(g: TaskGraph) -> EngineRun:
                 continue                             # stale
             k = atier[t]
             if k >= 0:
-                if k != MANY_TIERS:
-                    b = used[k] + abytes[t]
-                    if blocked >> k & 1 or b > cap[k]:
-                        blocked |= 1 << k            # only the tier it waits on is reserved for it
-                        held.append(t)
-                        continue                     # this resource waits for its most urgent task
-                    used[k] = b
-                    if b > peak[k]:
-                        peak[k] = b
-                    sample((now, k, b))
-                elif not _alloc_many(g.alloc, t, used, cap, peak, blocked, now, sample):
-                    # Only the tiers it waits on are reserved for it: reserving all of its tiers
-                    # could block the very task whose end frees what it waits for.
-                    blocked |= _fails(g.alloc, t, used, cap, blocked)
+                b = used[k] + abytes[t]
+                if blocked >> k & 1 or b > cap[k]:
+                    blocked |= 1 << k                # only the tier it waits on is reserved for it
                     held.append(t)
-                    continue
+                    continue                         # this resource waits for its most urgent task
+                used[k] = b
+                if b > peak[k]:
+                    peak[k] = b
+                sample((now, k, b))
+            elif k == MANY_TIERS and not _alloc_many(g.alloc, t, used, cap, peak, blocked, now, sample):
+                # Only the tiers it waits on are reserved for it: reserving all of its tiers
+                # could block the very task whose end frees what it waits for.
+                blocked |= _fails(g.alloc, t, used, cap, blocked)
+                held.append(t)
+                continue
             heappop(q)
             slots[p] -= 1
             start[t] = now
@@ -133,7 +132,7 @@ def run(g: TaskGraph) -> EngineRun:
                 fresh = True
             else:
                 heappush(events, (now + dur[t], t))
-            if q and slots[p]:
+            if slots[p] and q:
                 heappush(cand, q[0])
         if held:                                     # popped in id order: a valid heap
             cand, held = held, cand
@@ -168,15 +167,14 @@ def run(g: TaskGraph) -> EngineRun:
                 heappush(cand, q[0])
             k = ftier[t]
             if k >= 0:
-                if k != MANY_TIERS:
-                    b = used[k] - fbytes[t]
-                    used[k] = b
-                    sample((now, k, b))
-                else:
-                    for k, f in enumerate(g.free):
-                        if f[t]:
-                            used[k] -= f[t]
-                            sample((now, k, used[k]))
+                b = used[k] - fbytes[t]
+                used[k] = b
+                sample((now, k, b))
+            elif k == MANY_TIERS:
+                for k, f in enumerate(g.free):
+                    if f[t]:
+                        used[k] -= f[t]
+                        sample((now, k, used[k]))
             for s in succ[t]:
                 k = npred[s] - 1
                 npred[s] = k
