@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tiertune.hardware import HardwareProfile
-from tiertune.schedule import Plan
+from tiertune.schedule import Plan, steady_iteration_s
 from tiertune.simulator import builder, engine
 from tiertune.simulator.builder import TaskGraph
 from tiertune.simulator.costs import CostModel
@@ -44,7 +44,7 @@ def cost_model(model: ModelSpec, train: TrainSpec, hw: HardwareProfile) -> CostM
 @dataclass
 class SimResult:
     fits: bool
-    iteration_s: float                       # steady state (after the first iteration); inf when not fitting
+    iteration_s: float                       # steady state (schedule.steady_iteration_s); inf when not fitting
     tokens_per_s: float
     tflops: float                            # model FLOPs per step / iteration_s, in TFLOP/s
     peak_bytes: dict[str, int]
@@ -157,7 +157,7 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
                 ends[it] = e
             if it >= first_steady:
                 busy[r] += d
-    iteration_s = (ends[-1] - ends[0]) / (k - 1) if k > 1 else ends[0]
+    iteration_s = steady_iteration_s(ends)
     steady = max(k - first_steady, 1)
     busy_s = {r: busy[i] / steady for i, r in enumerate(RESOURCES)}
     # Utilisation per slot pool (h2d/d2h or SSD read/write share one when half duplex).

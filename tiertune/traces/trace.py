@@ -18,6 +18,7 @@ import pandas as pd
 
 from tiertune.errors import InputError
 from tiertune.fileio import atomic_write, atomic_write_text
+from tiertune.schedule import steady_iteration_s
 from tiertune.vocab import RESOURCES, TIERS
 
 FORMAT = "tiertune.trace/1"
@@ -143,14 +144,14 @@ class Trace:
         return self.events.groupby("iteration")["end_s"].max().sort_index()
 
     def iteration_s(self) -> float:
-        """Steady-state iteration time: the mean gap between consecutive iteration ends after the
-        first (which pays the pipeline fill); the only iteration's length when there is one."""
+        """Steady-state iteration time (schedule.steady_iteration_s over the iterations' ends); the
+        only iteration's length when there is one."""
         ends = self.iteration_ends()
         if len(ends) == 0:
             return 0.0
         if len(ends) == 1:
             return float(ends.iloc[0] - self.events["start_s"].min())
-        return float((ends.iloc[-1] - ends.iloc[0]) / (len(ends) - 1))
+        return float(steady_iteration_s(list(ends)))
 
     def steady_events(self) -> pd.DataFrame:
         iters = self.events["iteration"]
