@@ -232,15 +232,16 @@ def test_compressed_training_reduces_loss_on_low_rank_problem():
 
 @settings(max_examples=25, deadline=None)
 @given(m=dims, n=dims, rank=st.integers(1, 24), r=st.integers(1, 4), seed=st.integers(0, 10_000),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_adding_the_decompressed_update_in_place_equals_adding_p_s_qt(m, n, rank, r, seed, dtype):
-    """add_decompressed accumulates P S Q^T into the weights by the sparse product itself (fp32), or
-    through the dense m x n update (another dtype, an identity side): the same sum either way."""
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), decay=st.sampled_from([1.0, 0.99]))
+def test_adding_the_decompressed_update_in_place_equals_adding_p_s_qt(m, n, rank, r, seed, dtype, decay):
+    """add_decompressed scales the weights by the decay and accumulates P S Q^T into them by the
+    sparse product itself (fp32), or through the dense m x n update (another dtype, an identity
+    side): the same result either way."""
     comp = MatrixCompressor(m, n, rank, r, seed=seed)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=g).to(dtype)
     s = torch.randn(*comp.small_shape, generator=g)
-    want = w.float() + comp.P @ s @ comp.Q.T
-    comp.add_decompressed(w, s)
+    want = (w.float() * decay).to(dtype).float() + comp.P @ s @ comp.Q.T
+    comp.add_decompressed(w, s, decay)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(w.float(), want.to(dtype).float(), rtol=tol, atol=tol)

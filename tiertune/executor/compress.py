@@ -216,15 +216,18 @@ class MatrixCompressor:
         return y.contiguous() if self.left_identity else self._sparse["P"] @ y
 
     @torch.no_grad()
-    def add_decompressed(self, w: Tensor, small: Tensor) -> None:
-        """w += P S Q^T in place: P (S Q^T) is accumulated into w by the sparse product itself
-        (addmm_) when w is in the compressor's dtype, with no m x n temporary to write and read back."""
+    def add_decompressed(self, w: Tensor, small: Tensor, decay: float = 1.0) -> None:
+        """w = decay * w + P S Q^T in place: when w is in the compressor's dtype, one sparse product
+        (addmm_) scales w and accumulates P (S Q^T) into it in a single pass, with no m x n
+        temporary to write and read back and no separate pass for the weight decay."""
         if w.dtype != self.dtype or self.lossless or self.left_identity:
+            if decay != 1.0:
+                w.mul_(decay)
             w.add_(self.decompress(small).to(device=w.device, dtype=w.dtype))
             return
         s = small.to(self.dtype)
         y = s if self.right_identity else (self._sparse["Q"] @ s.T).T        # S Q^T, d x n
-        w.addmm_(self._sparse["P"], y)
+        w.addmm_(self._sparse["P"], y, beta=decay)
 
     @torch.no_grad()
     def relative_error(self, grad: Tensor) -> float:
@@ -413,12 +416,13 @@ class LayerCompression:
         """On the device, in place: W *= 1 - lr*wd (decoupled, on the full W), then W += P U Q^T."""
         for k, u in updates.items():
             w = params[k]
-            if self.weight_decay and (self.decay_vectors or w.dim() >= 2):
-                w.mul_(1 - self._lr * self.weight_decay)
+            decay = 1 - self._lr * self.weight_decay if self.weight_decay and (self.decay_vectors or w.dim() >= 2) else 1.0
             if k in self.key_of:
-                self.compressors[self.key_of[k]].add_decompressed(w, u.to(w.device))
-            else:
-                w.add_(u.to(device=w.device, dtype=w.dtype))
+                self.compressors[self.key_of[k]].add_decompressed(w, u.to(w.device), decay)
+                continue
+            if decay != 1.0:
+                w.mul_(decay)
+            w.add_(u.to(device=w.device, dtype=w.dtype))
 
     @torch.no_grad()
     def observe(self, step: int, grads: dict[str, Tensor]) -> dict:
