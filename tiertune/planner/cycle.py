@@ -318,15 +318,19 @@ class CycleModel:
         m.add(home_gpu == home[GPU_TIER])
         m.add(home[CPU_TIER] <= hw.cpu_mem_bytes // MIB)
         # Host memory beyond home bytes, beside what earlier layers sent there for their backward:
-        # while a host optimizer steps layer i, that step's working bytes; during layer i's forward,
-        # the weights read from the SSDs for it and the `depth` layers fetched ahead.
+        # while a host optimizer steps layer i, the working bytes of that step and of the `depth`
+        # steps read ahead; during layer i's forward, the weights read from the SSDs for it and the
+        # `depth` layers fetched ahead.
         def per_option(i: int, nbytes, when=lambda lp: True):
             return sum(mib(nbytes(recs[i][k])) * x[i][k] for k, lp in enumerate(choices[i]) if when(lp))
         staged = [per_option(i, lambda r: r.weight_bytes, lambda lp: lp.params == "ssd") for i in range(n)]
+        working = [per_option(i, lambda r: r.host_working) for i in range(n)]
         host_cap = hw.cpu_mem_bytes // MIB
         sent_before = 0
         for i in range(n):
-            for extra in (per_option(i, lambda r: r.host_working), sum(staged[i:i + depth + 1])):
+            # the optimizer state of the `depth` layers the backward reaches next is read while
+            # layer i steps (the engine's window): their working bytes are held too
+            for extra in (sum(working[max(0, i - depth):i + 1]), sum(staged[i:i + depth + 1])):
                 m.add(home[CPU_TIER] + sent_before + extra <= host_cap)
             nxt = m.new_int_var(0, host_cap, f"sent{i}")      # a running sum keeps each row short
             m.add(nxt == sent_before + per_option(i, lambda r: r.kept[CPU_TIER]))
