@@ -151,10 +151,13 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
     # A host optimizer's step holds its gradient and the state read from the SSDs beyond home
     # bytes, and the engine reads the state of up to depth + 1 layers ahead: host memory keeps
     # room for that many of the largest such step any layer takes.
+    # (only where it can bind: a row the most any composition can hold leaves room for is
+    # redundant, and each costs CP-SAT a boolean it could not always settle in time)
+    most_held = sum(max(works[g[0], k][1]["cpu"] for k in range(len(choices))) * len(g) for g in grp) // MIB
     for gi, g in enumerate(grp):
         for k, lp in enumerate(choices):
             working = layer_recipe(cm, g[0], lp, slices=slices).host_working * (depth + 1) // MIB
-            if working:
+            if working and most_held + working > cap["cpu"] // MIB:
                 used = m.new_bool_var(f"u{gi}_{k}")
                 m.add(counts[gi][k] <= len(g) * used)
                 m.add(held["cpu"] + working * used <= cap["cpu"] // MIB)
