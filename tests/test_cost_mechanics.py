@@ -275,6 +275,31 @@ def test_an_inline_host_step_after_backward_is_a_barrier_before_the_next_forward
     assert simulate(m, train, hw, plan.replace(globals=PlanGlobals())).iteration_s < res.iteration_s
 
 
+def test_an_inline_host_step_swaps_ssd_state_one_layer_at_a_time():
+    # DeepSpeed's PartitionedOptimizerSwapper without pipeline_read/pipeline_write: each sub-group's
+    # state is read, stepped and written back before the next is read, and engine.step() returns
+    # (the next forward starts) only after the last write. On one SSD the step is the forwards,
+    # the backwards, then read + update + write for every layer.
+    m, hw = load_model("tiny-llama"), load_hardware("fuyou-4090-1ssd")
+    train = TrainSpec(batch=2, seq_len=128)
+    plan = uniform_plan(m.name, hw.name, train, m.n_layers + 2,
+                        LayerPlan(params="gpu", optimizer="ssd", update="after"), PlanGlobals(host_update_inline=True))
+    from tiertune.simulator.recipe import plan_recipes
+
+    rec = plan_recipes(CostModel(m, train, hw), plan)
+    hand = sum(r.steps["forward"].duration + r.steps["backward"].duration + r.steps["opt_ssd_read"].duration
+               + r.steps["update"].duration + r.steps["opt_ssd_write"].duration for r in rec)
+    res = simulate(m, train, hw, plan)
+    assert res.iteration_s == pytest.approx(hand, rel=1e-9)
+    ev = res.trace.events
+    one = ev[ev.iteration == 1]
+    reads = one[one.task.str.startswith("ssd_read.opt")].sort_values("start_s")
+    writes = one[one.task.str.startswith("ssd_write.opt")].sort_values("start_s")
+    assert (reads.start_s.to_numpy()[1:] >= writes.end_s.to_numpy()[:-1]).all()
+    assert ev[(ev.iteration == 2) & (ev.kind == "forward")].start_s.min() >= writes.end_s.max()
+    assert simulate(m, train, hw, plan.replace(globals=PlanGlobals())).iteration_s < res.iteration_s
+
+
 def test_policies_run_the_host_step_inline_only_when_asked():
     m, hw = load_model("gpt3-1.3b"), load_hardware("lsp-4090")
     train = TrainSpec(batch=2, seq_len=512)

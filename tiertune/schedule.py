@@ -99,7 +99,9 @@ class PlanGlobals:
     # (a seed's released training loop, not a choice of ours: DeepSpeed's engine.step() between
     # backward and the next forward; LSP-Offload's para_offload_modules.py, whose module hooks run
     # the CPU Adam). An `overlap` update finishes before the next layer's backward starts; `after`
-    # updates all finish, weights home, before the next step's forward. Policies set it only when
+    # updates all finish, weights home, before the next step's forward; optimizer state on the SSD
+    # is read only once the previous update's state is written back (DeepSpeed's
+    # PartitionedOptimizerSwapper without pipeline_read/pipeline_write). Policies set it only when
     # asked to reproduce such a loop; the executor runs host updates on its worker either way.
     host_update_inline: bool = False
 

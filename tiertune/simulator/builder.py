@@ -284,7 +284,13 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     opt_written = [g.placeholder() for _ in range(n)]    # last SSD write of layer i's optimizer state
     uses = [g.placeholder() for _ in range(depth + 1)]   # the compute task that ends each layer step, in issue order
     handed_over = [prev_end, *upd_done, *opt_written, *uses]
+    # host_update_inline: the next step issues nothing (weight loads, its first forward) before the
+    # step's last `after` update is done and its last optimizer-state write to the SSD
+    after_done = g.placeholder() if inline and any(lp.update == "after" for lp in lp_) else None
+    state_done = g.placeholder() if inline and any(lp.optimizer == "ssd" for lp in lp_) else None
+    barrier = [p for p in (after_done, state_done) if p is not None]
     upd_seq: list[int] = []              # this step's CPU updates, in issue order
+    swapped_out: list[int] = []          # this step's SSD writes of optimizer state, in issue order
 
     def window() -> int:
         """A prefetch for the layer step about to be appended may start once the step depth+1 back ended."""
@@ -307,6 +313,8 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
         edge(window(), first)
         if first_use:
             edge(upd_done[i], first)
+            for p in barrier:
+                edge(p, first)
         return h
 
     def update(i: int, grad_ready: list[int], gate: int | None, read_after: int | None) -> int:
@@ -343,6 +351,10 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             edge(read_after, sr)
             if len(upd_seq) > depth:                  # and no further ahead of the optimizer itself
                 succ[upd_seq[-1 - depth]].append(sr)
+            if inline and swapped_out:
+                # one thread swaps in, steps and swaps out (DeepSpeed's PartitionedOptimizerSwapper
+                # without pipeline_read/pipeline_write): no read before the last write is done
+                succ[swapped_out[-1]].append(sr)
         rank = lp.grad_rank
         out = sent_bytes[i] if (rank and lp.params == "gpu") else (wb[i] if lp.params != "cpu" else 0)
         u = add("update", "", i, 0, CPU, steps[i]["update"].duration, cpu=out)
@@ -361,6 +373,7 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
             succ[u].append(sw)
             drop((sw, 1, opt_bytes[i]))
             opt_written[i] = sw
+            swapped_out.append(sw)
         done = u
         if lp.params == "gpu" and rank:
             wbk = add("writeback", "w", i, 0, H2D, steps[i]["writeback"].duration, sent_bytes[i], gpu=sent_bytes[i])
@@ -401,6 +414,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
                     if h is None and mb == 0:
                         edge(upd_done[i], f)
                 edge(prev_end, f)
+                if i == 0 and s == 0 and mb == 0:
+                    for p in barrier:
+                        edge(p, f)
                 if s == S - 1 and h is not None and not (keep_last and i == n - 1):
                     drop((f, 0, wb[i]))
                 if lp.activations == "recompute":
@@ -525,6 +541,9 @@ def build(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, plan: Plan, i
     for j, i in enumerate(order):
         read_after = upd_tasks[j - 1 - depth] if j - 1 - depth >= 0 else gate
         upd_tasks.append(update(i, grads[i], gate, read_after))
-    if inline and order:
-        prev_end = upd_done[order[-1]]        # the next forward waits for the whole step (host_update_inline)
-    return g.finish(dict(zip(handed_over, [prev_end, *upd_done, *opt_written, *uses[-1 - depth:]])))
+    previous = dict(zip(handed_over, [prev_end, *upd_done, *opt_written, *uses[-1 - depth:]]))
+    if after_done is not None:
+        previous[after_done] = upd_done[order[-1]]
+    if state_done is not None:
+        previous[state_done] = swapped_out[-1]
+    return g.finish(previous)
