@@ -55,12 +55,13 @@ Known misses, and why (see the closing note of issue 14 for the figures):
     the CPU Adam: the optimizer process is never waited for), so the preset keeps the drives'
     spec and no constant was fitted to these rows.
   - ZeRO-Infinity 13B (45 TFLOPS): host memory holds 13B's state, so our ZeRO-Infinity is
-    compute-bound like Fuyou (143 at batch 64, 125 at batch 8, with DeepSpeed's step between
+    compute-bound like Fuyou (143 at batch 64, 124 at batch 8, with DeepSpeed's step between
     backward and forward). With the optimizer state on the SSDs (the "out-of-core" optimizer
-    Fuyou describes; our policy puts it there when host memory is short, e.g. 256 GB) it gives 72
-    (batch 8) to 129 (batch 64). The paper states neither the batch nor the placement, and
-    DeepSpeed's NVMe path (a blocking gradient copy per partition before DeepSpeed PR #6670, the
-    optimizer swapper's per-sub-group read, step, write) is not modelled beyond that.
+    Fuyou describes; our policy puts it there when host memory is short, e.g. 256 GB), swapped
+    one layer at a time as DeepSpeed's non-pipelined optimizer swapper does, it gives 66 (batch
+    8) to 127 (batch 64). The paper states neither the batch nor the placement, and the rest of
+    DeepSpeed's own costs (e.g. the blocking gradient copy per partition that DeepSpeed PR #6670
+    removed in late 2024) is not modelled.
   - LSP-Offload laptop ratio (ours 2.26 against 1.88, +21%): within the bound, but the laptop's
     link (6 GB/s assumed for its PCIe 4.0 x8) is not published, and the ZeRO run keeps the
     README's command (no --seq_len: 1024) against LSP's 384.
