@@ -66,7 +66,6 @@ class TaskGraph:
     alloc_bytes: list[int] = field(default_factory=list)
     free_tier: list[int] = field(default_factory=list)
     free_bytes: list[int] = field(default_factory=list)
-    succ: list[list[int]] = field(default_factory=list)
     npred: list[int] = field(default_factory=list)
     resident: list[int] = field(default_factory=lambda: [0, 0, 0])
     capacity: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -81,6 +80,15 @@ class TaskGraph:
     _frees: list[int] = field(default_factory=list, repr=False)   # (task, tier, bytes) per release, flat
     _placeholders: int = field(default=0, repr=False)
     _from_previous: list[int] = field(default_factory=list, repr=False)   # (placeholder, task) per edge, flat
+    # Successors: a list per task (`succ`) while the graph is built and run. A graph kept after its
+    # run (SimResult.graph) holds them in the compact form `finish` leaves beside them and drops the
+    # lists (`pack`): thousands of lists alive per simulated plan cost every `simulate` a garbage
+    # collection walking them (6% of its instructions); `succ` makes them again when read.
+    _succ: list[list[int]] | None = field(default_factory=list, repr=False)
+    _edges: list[int] = field(default_factory=list, repr=False)   # each step's edges by source, step after step
+    _ends: list[int] = field(default_factory=list, repr=False)    # step task t's lie at [_ends[t], _ends[t + 1])
+    _extra: list[int] = field(default_factory=list, repr=False)   # (u, v) per edge from one step to a later one, flat
+    _compact: bool = field(default=False, repr=False)             # _edges/_ends/_extra say all that _succ says
 
     def __len__(self) -> int:
         return len(self.duration)
@@ -92,7 +100,7 @@ class TaskGraph:
 
     def add(self, kind: str, tag: str, layer: int, mb: int, res: int, dur: float, nbytes: int = 0,
             flops: float = 0.0, gpu: int = 0, cpu: int = 0, ssd: int = 0) -> int:
-        succ = self.succ
+        succ = self._succ
         t = len(succ)
         tier = (MANY_TIERS if (gpu and (cpu or ssd)) or (cpu and ssd) else
                 0 if gpu else 1 if cpu else 2 if ssd else -1)
@@ -112,7 +120,7 @@ class TaskGraph:
             self._from_previous.extend((u, v))
             return
         assert u < v, "task ids must stay topologically ordered"
-        self.succ[u].append(v)
+        self._succ[u].append(v)
 
     def release(self, t: int, tier: int, nbytes: int) -> None:
         """Task t frees nbytes on tier when it ends."""
@@ -141,7 +149,7 @@ class TaskGraph:
                 free_tier[t] = tier if free_tier[t] in (-1, tier) else MANY_TIERS
         self.free = tuple(f * k for f in free)
         self.free_tier, self.free_bytes = free_tier * k, free_bytes * k
-        step = self.succ
+        step = self._succ
         flat = list(chain.from_iterable(step))                 # the step's edges, by source
         npred = [0] * m
         for v in flat:
@@ -154,10 +162,13 @@ class TaskGraph:
         ids = list(range(k * m))
         ends = list(accumulate(map(len, step)))
         cuts = list(map(slice, [0, *ends[:-1]], ends))        # where each task's edges lie in flat
-        succ = self.succ = list(step)
+        succ = self._succ = list(step)
+        edges = list(flat)
         for off in range(m, k * m, m):
             shifted = list(map(ids[off:off + m].__getitem__, flat))
             succ += map(shifted.__getitem__, cuts)
+            edges += shifted
+        extra = []
         # Edges from the previous step, `back` steps back once the placeholder chain is followed.
         pairs = iter(self._from_previous)
         for u, v in zip(pairs, pairs):
@@ -167,9 +178,37 @@ class TaskGraph:
                 assert back <= len(previous), "a placeholder must resolve to a task"
             for it in range(back, k):
                 succ[u + (it - back) * m].append(v + it * m)
+                extra += (u + (it - back) * m, v + it * m)
                 npred[v + it * m] += 1
+        self._edges, self._ends, self._extra, self._compact = edges, [0, *ends], extra, True
         self._rows, self._frees, self._from_previous = [], [], []
         return self
+
+    def pack(self) -> None:
+        """Drop the lists of successors where the compact form says the same (see _succ)."""
+        if self._compact:
+            self._succ = None
+
+    @property
+    def succ(self) -> list[list[int]]:
+        """Successors per task, as lists one may add edges to (the engine then runs the edited graph)."""
+        succ = self.successor_lists()
+        self._compact = False               # they may be edited: the lists are the graph now
+        return succ
+
+    def successor_lists(self) -> list[list[int]]:
+        """Successors per task, to read (made again from the compact form after `pack`)."""
+        if self._succ is None:
+            edges, ends = self._edges, self._ends
+            cuts = list(zip(ends, ends[1:]))
+            succ = self._succ = []
+            for off in range(0, self.iterations * ends[-1], ends[-1] or 1):
+                succ += [edges[off + a:off + b] for a, b in cuts]
+            succ += [[] for _ in range(len(self) - len(succ))]      # steps without edges
+            pairs = iter(self._extra)
+            for u, v in zip(pairs, pairs):
+                succ[u].append(v)
+        return self._succ
 
     def permuted(self, order: list[int]) -> "TaskGraph":
         """The same (finished) graph with task order[k] as task k: other priorities, same work.
@@ -188,8 +227,9 @@ class TaskGraph:
         for col in ("alloc_tier", "alloc_bytes", "free_tier", "free_bytes"):
             old = getattr(self, col)
             setattr(g, col, [old[t] for t in order])
-        g.succ = [[new[v] for v in self.succ[t]] for t in order]
-        for k, vs in enumerate(g.succ):
+        old_succ = self.successor_lists()
+        succ = g._succ = [[new[v] for v in old_succ[t]] for t in order]
+        for k, vs in enumerate(succ):
             assert all(v > k for v in vs), "a permutation must keep task ids topologically ordered"
         g.npred = [0] * n
         for k, t in enumerate(order):
@@ -209,7 +249,7 @@ class TaskGraph:
         for t in range(len(self)):
             g.add_node(t, name=self.name(t), kind=self.kind[t], layer=self.layer[t], iteration=self.iteration[t],
                        resource=RESOURCES[self.resource[t]], duration=self.duration[t])
-        g.add_edges_from((u, v) for u, vs in enumerate(self.succ) for v in vs)
+        g.add_edges_from((u, v) for u, vs in enumerate(self.successor_lists()) for v in vs)
         return g
 
 

@@ -57,7 +57,7 @@ def run(g: TaskGraph) -> EngineRun:
     # What each task allocates and frees, on one tier (almost every task; MANY_TIERS: read the
     # per-tier lists): one branch per task instead of one per tier.
     atier, abytes, ftier, fbytes = g.alloc_tier, g.alloc_bytes, g.free_tier, g.free_bytes
-    succ = g.succ
+    succ = g.successor_lists()
     npred = list(g.npred)
     slots = list(g.pool_slots)
     ready: list[list[int]] = [[] for _ in slots]     # per slot pool, a heap of ready task ids

@@ -129,6 +129,7 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
     inputs = (model, train, hw, plan)
 
     def failed(msg: str, tier: str | None, peak: list[int], short: int = 0) -> SimResult:
+        g.pack()
         return SimResult(False, math.inf, 0.0, 0.0, dict(zip(TIERS, peak)), {r: 0.0 for r in RESOURCES}, "none",
                          len(g), time.perf_counter() - t0, msg, tier, g, None, inputs, error_short_bytes=short)
 
@@ -142,6 +143,7 @@ def run_graph(g: TaskGraph, model: ModelSpec, train: TrainSpec, hw: HardwareProf
     except engine.SimStall as exc:
         return failed(str(exc), exc.tier, list(g.resident), exc.needed - exc.available)
 
+    g.pack()                               # the result keeps the graph: no list per task outlives the run
     ends = [0.0] * k                       # when each iteration's last task ends
     busy = [0.0] * len(RESOURCES)          # work per resource over the steady iterations
     first_steady = 1 if k > 1 else 0
