@@ -272,4 +272,3 @@ def steady_iteration_s(ends: list[float]) -> float:
         return ends[0]
     last = k - 2 if k > 2 else k - 1
     return (ends[last] - ends[0]) / last
-

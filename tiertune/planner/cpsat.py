@@ -88,10 +88,10 @@ def groups(cm: CostModel) -> list[list[int]]:
     return sorted(by.values(), key=lambda g: g[0])
 
 
-def resident(cm: CostModel, i: int, lp: LayerPlan, slices: int = 1) -> dict[str, int]:
+def resident(cm: CostModel, i: int, lp: LayerPlan) -> dict[str, int]:
     """Bytes layer i holds in each tier through the iteration (the count model's memory rows): its
     recipe's home, kept activations and host gradient."""
-    return layer_recipe(cm, i, lp, slices=slices).held()
+    return layer_recipe(cm, i, lp).held()
 
 
 def working_set(cm: CostModel, depth: int, slices: int = 1) -> int:
@@ -125,7 +125,8 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
             for d in (w.fwd, w.bwd, w.post):
                 for r, v in d.items():
                     tot[r] += v
-            works[i, k] = (fold_duplex(tot, hw), resident(cm, i, lp, slices))
+            r = layer_recipe(cm, i, lp, slices=slices)
+            works[i, k] = (fold_duplex(tot, hw), r.held(), r.host_working)
     horizon = sum(max(works[g[0], k][0].values()) * len(g) for g in grp for k in [0]) * 50 + 1.0
     unit = horizon / 2e6
     m = cp_model.CpModel()
@@ -150,13 +151,13 @@ def solve_counts(cm: CostModel, choices: list[LayerPlan], gpu_budget: int, depth
         m.add(held[tier] <= cap[tier] // MIB)
     # A host optimizer's step holds its gradient and the state read from the SSDs beyond home
     # bytes, and the engine reads the state of up to depth + 1 layers ahead: host memory keeps
-    # room for that many of the largest such step any layer takes.
-    # (only where it can bind: a row the most any composition can hold leaves room for is
-    # redundant, and each costs CP-SAT a boolean it could not always settle in time)
+    # room for that many of the largest such step any layer takes. A row only where it can bind
+    # (the most any composition holds leaves no room for it): each costs CP-SAT a boolean it
+    # could not always settle in time.
     most_held = sum(max(works[g[0], k][1]["cpu"] for k in range(len(choices))) * len(g) for g in grp) // MIB
     for gi, g in enumerate(grp):
-        for k, lp in enumerate(choices):
-            working = layer_recipe(cm, g[0], lp, slices=slices).host_working * (depth + 1) // MIB
+        for k in range(len(choices)):
+            working = works[g[0], k][2] * (depth + 1) // MIB
             if working and most_held + working > cap["cpu"] // MIB:
                 used = m.new_bool_var(f"u{gi}_{k}")
                 m.add(counts[gi][k] <= len(g) * used)
